@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv and install.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# tensorflow_hub imports tf_keras; its `tensorflow` requirement is met by tensorflow-cpu.
+	$(BIN)/pip install -q --no-deps tf-keras==2.21.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/toy_demo.py --workdir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q --durations=15
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/likelihood.py
+	$(BIN)/python benchmarks/sampling.py
+
+clean:
+	rm -rf $(VENV) runs
