@@ -1,0 +1,6 @@
+"""CHECKERBOARD toy data, VP SDE, MLP score network (the paper's synthetic experiment)."""
+from configs.toy.common import get_toy_config
+
+
+def get_config():
+  return get_toy_config('CHECKERBOARD', dim=2, sde='vpsde')
