@@ -1,0 +1,361 @@
+"""Checkpoints of the TrainState in the score_sde layout, written with orbax.
+
+workdir/checkpoints/checkpoint_N       periodic snapshots, N = step // snapshot_freq, all kept
+workdir/checkpoints-meta/checkpoint_N  pre-emption snapshots, N = step // snapshot_freq_for_preemption,
+                                       latest only
+
+Each checkpoint_N holds two orbax items: `state` (the TrainState as a nested dict of arrays) and
+`meta` (JSON: the training step). Orbax writes into a temporary directory and renames it when
+complete, so a crash never leaves a half-written checkpoint_N; a checkpoint damaged afterwards is
+skipped on restore (with a log line naming it) in favour of the previous good one.
+
+Also imports legacy flax-msgpack checkpoints of score_sde / score_flow / mle_score_ode (a State
+whose `optimizer.target` holds the params) for fine-tuning.
+"""
+import logging
+import os
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PREFIX = 'checkpoint'
+_NAME_RE = re.compile(r'^' + PREFIX + r'_(\d+)$')
+FORMAT = 'mle_score_ode_jax/1'
+
+
+# ------------------------------------------------------------------------------------------------
+# pytree <-> plain nested dict of arrays
+# ------------------------------------------------------------------------------------------------
+
+def _is_key(x):
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_tree(state):
+  """The state as a nested dict of arrays (typed PRNG keys stored as their raw key data)."""
+  tree = flax.serialization.to_state_dict(state)
+  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_tree(target, tree):
+  """Inverse of to_tree: restore `tree` (a nested dict) into the structure of `target`."""
+  target_tree = flax.serialization.to_state_dict(target)
+  tree = jax.tree_util.tree_map(
+    lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+    target_tree, tree)
+  return flax.serialization.from_state_dict(target, tree)
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with sharding) describing a tree of concrete arrays."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def flatten(tree, prefix=''):
+  """{'a/b/c': leaf} for a nested dict (empty dicts vanish)."""
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}/{k}' if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat):
+  out = {}
+  for path, v in flat.items():
+    node = out
+    keys = path.split('/')
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = v
+  return out
+
+
+def to_host(x):
+  """A numpy copy of a (possibly multi-process, replicated) array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def checkpoint_number(path):
+  """N from a path ending in checkpoint_N, else None."""
+  m = _NAME_RE.match(os.path.basename(os.path.normpath(str(path))))
+  return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------------------------
+# A directory of numbered checkpoints
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointDir:
+  """A directory of numbered checkpoints checkpoint_N of a TrainState (collective in multi-host:
+  every process calls save/restore; orbax writes each array once)."""
+
+  def __init__(self, directory, latest_only=False, create=True):
+    self.directory = os.path.abspath(directory)
+    self.latest_only = latest_only
+    options = ocp.CheckpointManagerOptions(
+      step_prefix=PREFIX, create=create, enable_async_checkpointing=False,
+      read_only=not create)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+
+  def numbers(self):
+    """Numbers of the complete checkpoints, ascending (orbax ignores unfinished temp dirs)."""
+    self._mgr.reload()
+    return sorted(self._mgr.all_steps())
+
+  def path(self, number):
+    return os.path.join(self.directory, f'{PREFIX}_{number}')
+
+  def save(self, number, state):
+    """Write checkpoint_<number> atomically; replaces an existing one with that number (as the
+    original's overwrite=True); with latest_only, removes every other checkpoint afterwards."""
+    step = int(to_host(state.step)) if hasattr(state, 'step') else None
+    if number in self.numbers():
+      self._mgr.delete(number)
+    self._mgr.save(number, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(to_tree(state)),
+      meta=ocp.args.JsonSave({'step': step, 'format': FORMAT})))
+    self._mgr.wait_until_finished()
+    if self.latest_only:
+      for n in self.numbers():
+        if n != number:
+          self._mgr.delete(n)
+    return self.path(number)
+
+  def training_step(self, number):
+    """The training step stored with checkpoint_<number> (raises if the JSON is unreadable)."""
+    meta = self._mgr.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return int(meta['step'])
+
+  def restore(self, number, target):
+    """checkpoint_<number> restored into the structure, dtypes and shardings of `target`."""
+    tree = self._mgr.restore(number, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(to_tree(target)))))['state']
+    return from_tree(target, tree)
+
+  def close(self):
+    self._mgr.close()
+
+
+def restore_latest(ckpt_dirs, target):
+  """Restore the newest good checkpoint among `ckpt_dirs` (by training step; earlier dirs win
+  ties). A damaged one is logged and skipped. Returns (state, path) or (target, None) if none."""
+  candidates = []
+  for rank, d in enumerate(ckpt_dirs):
+    for n in d.numbers():
+      try:
+        step = d.training_step(n)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint %s is unreadable (%s: %s); skipping it.', d.path(n),
+                        type(e).__name__, _short(e))
+        continue
+      candidates.append((step, -rank, n, d))
+  candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)
+  for step, _, n, d in candidates:
+    try:
+      state = d.restore(n, target)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Checkpoint %s is corrupted or truncated (%s: %s); falling back to the '
+                    'previous one.', d.path(n), type(e).__name__, _short(e))
+      continue
+    return state, d.path(n)
+  return target, None
+
+
+def _short(e, n=300):
+  s = ' '.join(str(e).split())
+  return s if len(s) <= n else s[:n] + '...'
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading weights to start from (fine-tuning, evaluation): ours or legacy
+# ------------------------------------------------------------------------------------------------
+
+def is_legacy_file(path):
+  return os.path.isfile(path)
+
+
+def check_readable(path):
+  """Raise FileNotFoundError / ValueError (one line, with the fix) if `path` cannot be a
+  checkpoint to start from; cheap, reads no arrays except a legacy file's header."""
+  flag = '--config.training.restore_from'
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint to restore from '{path}' does not exist: set {flag} to a "
+                            'checkpoint_N directory, a checkpoints/ directory or a legacy '
+                            'score_sde/score_flow checkpoint file.')
+  if os.path.isfile(path):
+    if not os.access(path, os.R_OK):
+      raise ValueError(f"Checkpoint file '{path}' is not readable: fix its permissions or set "
+                       f'{flag} to another file.')
+    with open(path, 'rb') as f:
+      head = f.read(1)
+    # A msgpack map starts with 0x80-0x8f (fixmap), 0xde or 0xdf.
+    if not head or not (0x80 <= head[0] <= 0x8f or head[0] in (0xde, 0xdf)):
+      raise ValueError(f"'{path}' is not a flax msgpack checkpoint: set {flag} to a legacy "
+                       'score_sde/score_flow checkpoint file or one of our checkpoint_N '
+                       'directories.')
+    return
+  if checkpoint_number(path) is None and not _step_dirs(path):
+    raise ValueError(f"Directory '{path}' holds no checkpoint_N: set {flag} to a checkpoint_N "
+                     'directory, a directory that contains them, or a legacy checkpoint file.')
+
+
+def _step_dirs(directory):
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted((int(m.group(1)) for m in map(_NAME_RE.match, names) if m), reverse=True)
+
+
+def _restore_raw(step_dir, sharding):
+  """Our checkpoint_N as a nested dict (structure from its own metadata), arrays on `sharding`."""
+  ckptr = ocp.StandardCheckpointer()
+  item_dir = os.path.join(os.path.abspath(step_dir), 'state')
+  meta = ckptr.metadata(item_dir)
+  meta = getattr(meta, 'item_metadata', meta)
+  meta = getattr(meta, 'tree', meta)
+  abstract = jax.tree_util.tree_map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
+  return ckptr.restore(item_dir, abstract)
+
+
+def load_weights(path, target_state, sharding):
+  """(params, params_ema, model_state, report) from `path`, matched to target_state's trees.
+
+  `path`: a legacy flax msgpack file (score_sde / score_flow / mle_score_ode State), one of our
+  checkpoint_N directories, or a directory of checkpoint_N (the newest good one is used).
+  Every path and shape is checked against our model; GroupNorm scale/bias stored as (1, 1, 1, C)
+  by Flax < 0.3.6 are reshaped to (C,). Returned arrays are host numpy arrays.
+  """
+  check_readable(path)
+  targets = {k: jax.tree_util.tree_map(to_host, flax.serialization.to_state_dict(
+    getattr(target_state, k))) for k in ('params', 'params_ema', 'model_state')}
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      raw = flax.serialization.msgpack_restore(f.read())
+    src = legacy_state_parts(raw, path)
+    kind = 'legacy flax msgpack'
+  else:
+    if checkpoint_number(path) is not None:
+      step_dirs = [path]
+    else:
+      step_dirs = [os.path.join(path, f'{PREFIX}_{n}') for n in _step_dirs(path)]
+    raw = None
+    for i, d in enumerate(step_dirs):
+      try:
+        raw = _restore_raw(d, sharding)
+        path = d
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if len(step_dirs) == 1 or i == len(step_dirs) - 1:
+          raise ValueError(f"Checkpoint '{d}' cannot be read ({type(e).__name__}: {_short(e, 200)})"
+                           ': point --config.training.restore_from at another checkpoint.') from e
+        logging.error('Checkpoint %s is corrupted or truncated (%s); falling back to the previous '
+                      'one.', d, _short(e))
+    raw = jax.tree_util.tree_map(to_host, raw)
+    src = {'params': raw.get('params'), 'params_ema': raw.get('params_ema'),
+           'model_state': raw.get('model_state', {}), 'step': raw.get('step')}
+    kind = 'orbax checkpoint'
+  out, notes = {}, {}
+  for k in ('params', 'params_ema', 'model_state'):
+    tree, notes[k] = match_tree(src[k], targets[k], name=k)
+    out[k] = flax.serialization.from_state_dict(getattr(target_state, k), tree)
+  n_reshaped = len(notes['params'])
+  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out['params']))
+  n_arrays = len(jax.tree_util.tree_leaves(out['params']))
+  step = src.get('step')
+  report = (f'Loaded {kind} {path} (trained {int(step) if step is not None else "?"} steps): '
+            f'params ({n_arrays} arrays, {n_params:,} values), params_ema, model_state '
+            f'({len(jax.tree_util.tree_leaves(out["model_state"]))} arrays)'
+            + (f'; {n_reshaped} GroupNorm arrays per tree reshaped from (1, 1, 1, C) to (C,)'
+               if n_reshaped else '')
+            + '. Optimizer state and step start fresh.')
+  return out['params'], out['params_ema'], out['model_state'], report
+
+
+def legacy_state_parts(raw, path='<legacy>'):
+  """params / params_ema / model_state / step out of a restored legacy State dict."""
+  if not isinstance(raw, dict):
+    raise ValueError(f"'{path}' does not hold a State dict: give a score_sde/score_flow checkpoint.")
+  opt = raw.get('optimizer')
+  if isinstance(opt, dict) and 'target' in opt:
+    params = opt['target']
+  elif 'params' in raw:
+    params = raw['params']
+  else:
+    raise ValueError(f"'{path}' has neither optimizer.target nor params (keys: "
+                     f"{', '.join(sorted(raw))}): give a score_sde/score_flow checkpoint.")
+  params_ema = raw.get('params_ema')
+  if params_ema is None:
+    logging.warning('%s has no params_ema; using its params for the EMA too.', path)
+    params_ema = params
+  return {'params': params, 'params_ema': params_ema, 'model_state': raw.get('model_state') or {},
+          'step': raw.get('step')}
+
+
+def _is_groupnorm_affine(path):
+  parts = path.split('/')
+  return parts[-1] in ('scale', 'bias') and len(parts) > 1 and 'GroupNorm' in parts[-2]
+
+
+def match_tree(src, target, name='params'):
+  """`src` arranged as `target` (nested dicts): every path and shape must agree, except that a
+  GroupNorm scale/bias of shape (1, 1, 1, C) becomes (C,). A single 'params' wrapper level on
+  either side is tolerated. Raises ValueError listing all mismatches. Returns (tree, notes)."""
+  src = src if src is not None else {}
+  src_flat, tgt_flat = flatten(dict(src)), flatten(dict(target))
+  # Tolerate {'params': {...}} on one side only.
+  if src_flat and tgt_flat:
+    s_wrapped = all(p.startswith('params/') for p in src_flat)
+    t_wrapped = all(p.startswith('params/') for p in tgt_flat)
+    if s_wrapped and not t_wrapped:
+      src_flat = {p[len('params/'):]: v for p, v in src_flat.items()}
+    elif t_wrapped and not s_wrapped:
+      src_flat = {'params/' + p: v for p, v in src_flat.items()}
+  missing = sorted(set(tgt_flat) - set(src_flat))
+  unexpected = sorted(set(src_flat) - set(tgt_flat))
+  out, notes, bad_shape = {}, [], []
+  for p in sorted(set(tgt_flat) & set(src_flat)):
+    v = np.asarray(src_flat[p])
+    want = tuple(np.shape(tgt_flat[p]))
+    if v.shape != want:
+      if (_is_groupnorm_affine(p) and v.size == int(np.prod(want)) and v.ndim > len(want)
+          and all(d == 1 for d in v.shape[:v.ndim - len(want)])
+          and v.shape[v.ndim - len(want):] == want):
+        notes.append(p)
+        v = v.reshape(want)
+      else:
+        bad_shape.append(f'{p}: checkpoint {v.shape} vs model {want}')
+        continue
+    out[p] = v.astype(np.asarray(tgt_flat[p]).dtype)
+  if missing or unexpected or bad_shape:
+    problems = ([f'missing in checkpoint: {p}' for p in missing]
+                + [f'not in model: {p}' for p in unexpected] + [f'shape {s}' for s in bad_shape])
+    shown = '; '.join(problems[:12]) + (f'; ... ({len(problems) - 12} more)' if len(problems) > 12 else '')
+    raise ValueError(f'Checkpoint {name} do not match the model ({len(missing)} missing, '
+                     f'{len(unexpected)} unexpected, {len(bad_shape)} wrong shapes): {shown}. '
+                     'Use the config the checkpoint was trained with (model.* and data.* fields).')
+  tree = unflatten(out)
+  # Restore empty sub-dicts the target has (e.g. model_state {} collections).
+  return _fill_empty(tree, dict(target)), notes
+
+
+def _fill_empty(tree, target):
+  if not isinstance(target, dict):
+    return tree
+  out = dict(tree)
+  for k, v in target.items():
+    if isinstance(v, dict):
+      out[k] = _fill_empty(out.get(k, {}), v)
+  return out
+

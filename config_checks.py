@@ -1,0 +1,118 @@
+"""Up-front validation of a config and the CLI arguments, so that bad input fails in a second with
+one line naming the problem and the fix, before JAX compiles anything or a file is written."""
+import ast
+import os
+import sys
+
+import jax
+
+MODES = ('train', 'eval', 'train_deq', 'fid_stats')
+# Models whose U-Net halves the resolution len(ch_mult) - 1 times.
+UNET_MODELS = ('ncsnpp', 'ddpm', 'ddpmpp')
+
+
+def _known_models():
+  try:
+    from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  for name in ('_MODELS', 'MODELS'):
+    reg = getattr(mutils, name, None)
+    if isinstance(reg, dict) and reg:
+      return sorted(reg)
+  return None
+
+
+def _known_datasets():
+  """datasets.KNOWN_DATASETS, read from the source when the module (which imports TensorFlow,
+  seconds) is not loaded yet; None if unavailable."""
+  if 'datasets' in sys.modules:
+    return sorted(getattr(sys.modules['datasets'], 'KNOWN_DATASETS', ()) or ()) or None
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets.py')
+  try:
+    tree = ast.parse(open(path).read())
+  except (OSError, SyntaxError):
+    return None
+  ns = {}
+  for node in tree.body:
+    if (isinstance(node, ast.Assign) and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith('_DATASETS')):
+      try:
+        exec(compile(ast.Module([node], []), path, 'exec'), {'__builtins__': {}}, ns)  # pylint: disable=exec-used
+      except Exception:  # pylint: disable=broad-except
+        return None
+  return sorted(ns['KNOWN_DATASETS']) if ns.get('KNOWN_DATASETS') else None
+
+
+def validate_config(config, mode='train', workdir=None):
+  """Raise ValueError / FileNotFoundError (one line: problem and fix) for a config that cannot
+  run. Cheap: builds no model, reads no data; needs the JAX backend only for the device count."""
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  if mode not in MODES:
+    raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(MODES)}.")
+  if workdir is not None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f"--workdir '{workdir}' is a file: give a directory path (new or existing).")
+    if mode in ('eval', 'train_deq') and not os.path.isdir(workdir):
+      raise FileNotFoundError(f"--workdir '{workdir}' does not exist: mode {mode} needs the "
+                              'working directory of a training run.')
+  t = config.training
+  sde_lib.get_sde(config)  # unknown SDE -> ValueError
+
+  order = t.score_matching_order
+  if order not in (1, 2, 3):
+    raise ValueError(f'training.score_matching_order is {order}: set '
+                     '--config.training.score_matching_order to 1, 2 or 3.')
+  if order > 1 and not t.reduce_mean:
+    raise ValueError(f'Order-{order} score matching needs training.reduce_mean=True (the losses are '
+                     'normalised per dimension): add --config.training.reduce_mean=True.')
+  if len(tuple(t.loss_weights)) != 3:
+    raise ValueError(f'training.loss_weights has {len(tuple(t.loss_weights))} entries: give three '
+                     '(order 1, 2, 3), e.g. --config.training.loss_weights="(1.,1.,1.)".')
+  if t.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
+
+  n_jit = t.n_jitted_steps
+  if n_jit < 1:
+    raise ValueError(f'training.n_jitted_steps is {n_jit}: set it to 1 or more.')
+  if mode == 'train':
+    for name in ('log_freq', 'eval_freq', 'snapshot_freq', 'snapshot_freq_for_preemption'):
+      v = getattr(t, name)
+      if v < 1 or v % n_jit:
+        raise ValueError(f'training.{name}={v} is not a positive multiple of training.n_jitted_steps'
+                         f'={n_jit}: change one of them so logs and checkpoints are not missed.')
+    if t.n_iters < 1:
+      raise ValueError(f'training.n_iters is {t.n_iters}: set it to 1 or more.')
+
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  batches = [('training.batch_size', t.batch_size)]
+  if mode == 'eval':
+    batches.append(('eval.batch_size', config.eval.batch_size))
+  for name, b in batches:
+    if b < 1 or b % n_dev or b % n_proc:
+      raise ValueError(f'{name}={b} is not divisible by the {n_dev} devices ({n_proc} processes): '
+                       f'set --config.{name} to a multiple of {n_dev}.')
+
+  models = _known_models()
+  name = config.model.name
+  if models is not None and name not in models:
+    raise ValueError(f"Unknown model '{name}': set --config.model.name to one of "
+                     f"{', '.join(models)}.")
+  if name in UNET_MODELS and 'ch_mult' in config.model:
+    k = 2 ** (len(tuple(config.model.ch_mult)) - 1)
+    size = config.data.image_size
+    if size < 1 or size % k:
+      raise ValueError(f'data.image_size={size} cannot pass through {name} with ch_mult='
+                       f'{tuple(config.model.ch_mult)} (it halves the size {k.bit_length() - 1} '
+                       f'times): use an image size divisible by {k} or a shorter ch_mult.')
+  dsets = _known_datasets()
+  if dsets is not None and config.data.dataset not in dsets:
+    raise ValueError(f"Unknown dataset '{config.data.dataset}': set --config.data.dataset to one "
+                     f"of {', '.join(dsets)}.")
+  if config.data.dataset.upper() == 'NPZ' and not os.path.isfile(config.data.path or ''):
+    raise FileNotFoundError(f"data.path '{config.data.path}' is not a file: set "
+                            '--config.data.path to the .npz file of the NPZ dataset.')
+
+  if mode == 'train' and t.restore_from:
+    import checkpoints  # pylint: disable=import-outside-toplevel
+    checkpoints.check_readable(t.restore_from)

@@ -1,0 +1,180 @@
+"""Training and evaluation CLI (the score_sde / score_flow / mle_score_ode interface).
+
+  python main.py --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp --mode train \
+      --config.training.score_matching_order=2
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix);
+3 training stopped on a non-finite loss (training.nonfinite='stop'); 1 anything else.
+"""
+import importlib.util
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections.config_flags import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Work directory.')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
+                  'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.')
+flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.')
+flags.DEFINE_string('deq_folder', 'deq', 'The folder name for dequantizer training.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-host: host:port of process 0 for jax.distributed.initialize.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.mark_flags_as_required(['workdir', 'config', 'mode'])
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def fail(msg, code=EXIT_BAD_INPUT):
+  """One line on stderr, then exit."""
+  print(f'main.py: error: {" ".join(str(msg).split())}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _config_arg(argv):
+  """The value given to --config (None if absent)."""
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _overrides(argv):
+  """[(dotted.path, raw)] for every --config.a.b=value / --config.a.b value / --noconfig.flag."""
+  out = []
+  for i, a in enumerate(argv):
+    for pre in ('--config.', '--noconfig.'):
+      if a.startswith(pre):
+        key = a[len(pre):].split('=', 1)[0]
+        out.append(key)
+  return out
+
+
+def _load_config_file(spec):
+  path, _, arg = spec.partition(':')
+  mod_spec = importlib.util.spec_from_file_location('_cli_config', path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(*([arg] if arg else []))
+
+
+def _unknown_override(argv):
+  """The first --config.x.y whose path the config file lacks, or None."""
+  spec = _config_arg(argv)
+  try:
+    config = _load_config_file(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for key in _overrides(argv):
+    node = config
+    for part in key.split('.'):
+      if hasattr(node, 'keys') and part in node.keys():
+        node = node[part]
+      else:
+        return key
+  return None
+
+
+def parse_flags(argv):
+  """absl flag parsing whose every failure is one line on stderr and exit code 2."""
+  spec = _config_arg(argv)
+  if spec is not None:
+    path = spec.split(':', 1)[0]
+    if not os.path.isfile(path):
+      fail(f"config file '{path}' does not exist: pass --config=PATH to a config file such as "
+           'configs/tiny/digits_ddpmpp.py.')
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    bad = _unknown_override(argv) if spec else None
+    if bad:
+      fail(f"unknown config field '{bad}' in --config.{bad}: check the name against "
+           'configs/base_config.py.')
+    fail(f'{" ".join(str(e).splitlines()[0].split())}. Run python main.py --helpshort for usage.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = _unknown_override(argv) if spec else None
+    if bad:
+      fail(f"unknown config field '{bad}' in --config.{bad}: check the name against "
+           'configs/base_config.py.')
+    fail(f'bad --config override ({type(e).__name__}: {e}): check the names and values.')
+  return rest
+
+
+def _setup_file_logging(directory):
+  """Log to both console and directory/stdout.txt (process 0 only), as the original."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return
+  handler = logging.StreamHandler(open(os.path.join(directory, 'stdout.txt'), 'a'))
+  handler.setFormatter(logging.Formatter(
+    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
+  logger = logging.getLogger()
+  logger.addHandler(handler)
+  logger.setLevel('INFO')
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  try:
+    config = FLAGS.config
+  except (IOError, OSError) as e:
+    fail(f'config {_config_arg(sys.argv)} cannot be loaded: {str(e).splitlines()[0]}. Fix the path.')
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+  import config_checks  # pylint: disable=import-outside-toplevel
+  workdir = FLAGS.workdir
+  try:
+    config_checks.validate_config(config, FLAGS.mode, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    fail(e)
+
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.experimental.set_visible_devices([], 'GPU')
+  except ImportError:
+    pass
+  import run_lib  # pylint: disable=import-outside-toplevel
+
+  try:
+    if FLAGS.mode == 'train':
+      os.makedirs(workdir, exist_ok=True)
+      _setup_file_logging(workdir)
+      run_lib.train(config, workdir)
+    elif FLAGS.mode == 'eval':
+      os.makedirs(os.path.join(workdir, FLAGS.eval_folder), exist_ok=True)
+      _setup_file_logging(os.path.join(workdir, FLAGS.eval_folder))
+      run_lib.evaluate(config, workdir, FLAGS.eval_folder, FLAGS.deq_folder)
+    elif FLAGS.mode == 'train_deq':
+      new_workdir = os.path.join(workdir, FLAGS.deq_folder)
+      os.makedirs(new_workdir, exist_ok=True)
+      _setup_file_logging(new_workdir)
+      run_lib.train_deq(config, workdir, new_workdir)
+    elif FLAGS.mode == 'fid_stats':
+      os.makedirs(workdir, exist_ok=True)
+      _setup_file_logging(workdir)
+      run_lib.fid_stats(config, workdir)
+  except run_lib.NonFiniteError as e:
+    logging.error('%s', e)
+    fail(e, EXIT_NONFINITE)
+  except (ValueError, FileNotFoundError) as e:
+    fail(e)
+  except NotImplementedError as e:
+    fail(f'mode {FLAGS.mode}: {e}', 1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
