@@ -101,12 +101,13 @@ def _call_model(model, inputs):
           if k in (INCEPTION_FINAL_POOL, INCEPTION_OUTPUT)}
 
 
-def run_inception(images, model, batch_size=256):
+def run_inception(images, model, batch_size=256, resize_to=None):
   """Images (N, H, W, C) -> dict(pool_3=(N, 2048), logits=(N, 1008)) float32 numpy arrays.
 
   `images`: uint8 in [0, 255], or float in [0, 1] (quantised with `to_uint8`, as the originals
   did with samples). One-channel images are tiled to RGB. Each batch is mapped to [-1, 1] by
-  (x - 127.5) / 127.5 and fed at its own resolution (the module resizes to 299 internally).
+  (x - 127.5) / 127.5 and fed at its own resolution, as score_sde did (the tfgan module resizes
+  to 299 internally). `resize_to=299` resizes first (bilinear), only for modules that do not.
   """
   images = to_uint8(images)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -118,6 +119,8 @@ def run_inception(images, model, batch_size=256):
   outs = {INCEPTION_FINAL_POOL: [], INCEPTION_OUTPUT: []}
   for i in range(0, images.shape[0], batch_size):
     inputs = (images[i:i + batch_size].astype(np.float32) - 127.5) / 127.5
+    if resize_to:
+      inputs = tf.image.resize(inputs, [resize_to, resize_to], method='bilinear').numpy()
     res = _call_model(model, inputs)
     for k in outs:
       outs[k].append(res[k])

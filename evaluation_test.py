@@ -240,6 +240,13 @@ def test_run_inception_float_and_grey_inputs(inception):
     evaluation.run_inception(floats * 255., inception)
 
 
+def test_run_inception_optional_resize(inception):
+  levels = np.random.RandomState(14).randint(0, 256, size=(3, 1, 1, 3)).astype(np.uint8)
+  flat = np.tile(levels, (1, 5, 5, 1))  # constant images: bilinear resizing keeps every pixel
+  out = evaluation.run_inception(flat, inception, resize_to=299)
+  np.testing.assert_allclose(out['pool_3'], _expected_pool(flat), rtol=1e-3, atol=1e-2)
+
+
 def test_run_inception_through_serving_signature(inception):
   sig_only = types.SimpleNamespace(signatures=inception.signatures)
   images = np.random.RandomState(12).randint(0, 256, size=(2, 4, 4, 3)).astype(np.uint8)
@@ -292,6 +299,12 @@ def test_stats_filenames(tmp_path):
   assert evaluation.stats_filename(_config(tmp_path)) == 'cifar10_stats.npz'
   assert evaluation.stats_filename(_config(tmp_path, 'ImageNet', 32)) == 'imagenet32_stats.npz'
   assert evaluation.stats_filename(_config(tmp_path, 'CELEBA')) == 'celeba_stats.npz'
+  config = _config(tmp_path, 'LSUN', 64)
+  config.data.category = 'church_outdoor'
+  assert evaluation.stats_filename(config) == 'lsun_church_outdoor_64_stats.npz'
+  config = _config(tmp_path, 'NPZ', 16)
+  config.data.path = '/data/my_faces.npz'
+  assert evaluation.stats_filename(config) == 'npz_my_faces_stats.npz'
 
 
 def test_missing_stats_file_message(tmp_path):
