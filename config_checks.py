@@ -90,7 +90,8 @@ def validate_config(config, mode='train', workdir=None):
     batches.append(('eval.batch_size', config.eval.batch_size))
   for name, b in batches:
     if b < 1 or b % n_dev or b % n_proc:
-      raise ValueError(f'{name}={b} is not divisible by the {n_dev} devices ({n_proc} processes): '
+      raise ValueError(f'{name}={b} is not divisible by the {n_dev} devices ({n_proc} process'
+                       f'{"es" if n_proc > 1 else ""}): '
                        f'set --config.{name} to a multiple of {n_dev}.')
 
   models = _known_models()

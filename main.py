@@ -100,7 +100,8 @@ def parse_flags(argv):
     if bad:
       fail(f"unknown config field '{bad}' in --config.{bad}: check the name against "
            'configs/base_config.py.')
-    fail(f'{" ".join(str(e).splitlines()[0].split())}. Run python main.py --helpshort for usage.')
+    fail(f'{" ".join(str(e).splitlines()[0].split()).rstrip(".")}. Run python main.py --helpshort '
+         'for usage.')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = _unknown_override(argv) if spec else None
     if bad:
@@ -130,6 +131,8 @@ def main(argv):
     config = FLAGS.config
   except (IOError, OSError) as e:
     fail(f'config {_config_arg(sys.argv)} cannot be loaded: {str(e).splitlines()[0]}. Fix the path.')
+  # Backend probing (e.g. 'Unable to initialize backend tpu') is not news on stderr.
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
