@@ -167,14 +167,16 @@ def feature_moments(features):
 def _symmetric_sqrt(mat):
   """Square root of a symmetric PSD matrix by eigh; tiny negative eigenvalues are set to 0."""
   mat = (mat + mat.T) / 2.
-  w, v = scipy.linalg.eigh(mat)
+  w, v = np.linalg.eigh(mat)
   return (v * np.sqrt(np.clip(w, 0., None))) @ v.T
 
 
 def trace_sqrt_product(sigma1, sigma2):
   """Tr sqrt(sigma1 sigma2) = Tr sqrt(A sigma2 A) with A = sqrt(sigma1): real and stable."""
   a = _symmetric_sqrt(sigma1)
-  return float(np.trace(_symmetric_sqrt(a @ sigma2 @ a)))
+  m = a @ sigma2 @ a
+  # Tr sqrt(M) = sum sqrt(eigenvalues of M); eigenvalues only, the cheaper half of eigh.
+  return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.), 0., None))))
 
 
 def frechet_distance_from_moments(mu1, sigma1, mu2, sigma2):
