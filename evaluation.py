@@ -293,9 +293,12 @@ def load_dataset_stats(config):
 
 
 def _batch_images(batch):
-  """A dataset element -> numpy images (N, H, W, C), whatever leading device dims it has."""
+  """A dataset element -> numpy images (N, H, W, C), whatever leading batch dims it has."""
   images = batch['image'] if isinstance(batch, dict) else batch
   images = images.numpy() if hasattr(images, 'numpy') else np.asarray(images)
+  if images.ndim < 4:
+    raise ValueError(f'Inception stats need image data (..., H, W, C), got shape {images.shape}; '
+                     'use an image dataset in config.data.dataset.')
   return images.reshape((-1,) + images.shape[-3:])
 
 
@@ -303,8 +306,10 @@ def compute_dataset_stats(config, inception_model=None, out_path=None, max_image
                           batch_size=None):
   """Runs Inception over the training split and writes an npz with 'pool_3' and 'logits'.
 
-  Images come from `datasets.get_dataset(config, evaluation=True)` without dequantisation, are
-  mapped back to [0, 1] by the inverse data scaler and rounded to the exact uint8 bytes.
+  Images come from `datasets.get_dataset(config, evaluation=True)` without dequantisation (one
+  epoch; its batches drop the remainder, as score_sde's did), in [0, 1] (a pipeline that yields
+  scaled [-1, 1] data for centered configs is mapped back by the inverse scaler), and are rounded
+  to their exact uint8 bytes. `batch_size` is Inception's (default config.eval.batch_size).
   Returns the written path (default: `stats_path(config)`).
   """
   import datasets  # pylint: disable=g-import-not-at-top
@@ -325,11 +330,9 @@ def compute_dataset_stats(config, inception_model=None, out_path=None, max_image
   for batch in tqdm(train_ds, total=total, desc='Inception stats', unit='batch'):
     images = _batch_images(batch)
     if unscale is None:
-      # The dataset may hand out raw [0, 1] images even for centered configs; scaled centered
-      # data always has negative pixels, so decide once from the first batch.
-      unscale = not (config.data.centered and images.min() >= 0.)
-      if not unscale:
-        logging.warning('centered config but the dataset yields [0, 1] images; not unscaling.')
+      # datasets.py yields [0, 1] images; centered data scaled to [-1, 1] always has negative
+      # pixels, so decide once from the first batch whether to undo the scaling.
+      unscale = bool(config.data.centered and images.min() < 0.)
     if unscale:
       images = np.asarray(inverse_scaler(images))
     if max_images is not None:
@@ -343,7 +346,7 @@ def compute_dataset_stats(config, inception_model=None, out_path=None, max_image
       break
   if count == 0:
     raise ValueError(f'the training split of {config.data.dataset} yielded no images; check '
-                     'config.data (path / tfds_dir).')
+                     'config.data (path / tfds_dir) and that eval.batch_size <= its size.')
   tf.io.gfile.makedirs(os.path.dirname(out_path) or '.')
   tmp = out_path + '.tmp.npz'
   buf = io.BytesIO()

@@ -316,11 +316,12 @@ def test_missing_stats_file_message(tmp_path):
   assert 'python main.py --config <cfg> --workdir W --mode fid_stats' in msg
 
 
-@pytest.mark.parametrize('centered', [False, True])
-def test_compute_then_load_dataset_stats(tmp_path, monkeypatch, inception, centered):
+@pytest.mark.parametrize('centered,scaled', [(False, False), (True, False), (True, True)])
+def test_compute_then_load_dataset_stats(tmp_path, monkeypatch, inception, centered, scaled):
+  """datasets.py yields [0, 1] images; a pipeline yielding [-1, 1] (scaled) is unscaled too."""
   rng = np.random.RandomState(13)
   raw = rng.randint(0, 256, size=(10, 4, 4, 3)).astype(np.uint8)
-  scale = (lambda x: 2 * x - 1) if centered else (lambda x: x)
+  scale = (lambda x: 2 * x - 1) if scaled else (lambda x: x)
   inverse = (lambda x: (x + 1) / 2) if centered else (lambda x: x)
   batches = [{'image': tf.constant(scale(raw[i:i + 3] / 255.).astype(np.float32)),
               'label': tf.zeros([len(raw[i:i + 3])])} for i in range(0, 10, 3)]
