@@ -19,7 +19,6 @@ import os
 
 from absl import logging
 import numpy as np
-import scipy.linalg
 import scipy.special
 import tensorflow as tf
 
