@@ -173,3 +173,56 @@ def test_unsupported_combinations_raise():
   with pytest.raises(ValueError, match='score_fn'):
     sampling.get_pc_sampler(SDES['vp'](), (4, 2), 'none', 'langevin', lambda x: x, 0.16)(
         jax.random.PRNGKey(0), 'not a score')
+
+
+@pytest.mark.parametrize('sde_name,continuous', [
+    ('vpsde', False), pytest.param('vesde', True, marks=pytest.mark.slow)])
+def test_model_sampling_fn_matches_plain_score_route(sde_name, continuous):
+  """get_sampling_fn(rng, params, state) == the plain-score sampler on get_score_fn's score."""
+  from configs.toy.common import get_toy_config  # pylint: disable=import-outside-toplevel
+  from models import mlp  # pylint: disable=import-outside-toplevel,unused-import
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  config = get_toy_config('CHECKERBOARD', 2, sde=sde_name)
+  config.training.continuous = continuous
+  config.model.encoder_layers, config.model.decoder_layers = (16,), (16,)
+  config.model.temb_dim, config.model.num_scales = 8, 20
+  config.sampling.method, config.sampling.predictor = 'pc', 'reverse_diffusion'
+  sde, eps = sde_lib.get_sde(config)
+  model, states, params = mutils.init_model(jax.random.PRNGKey(0), config)
+  shape = (16, 2)
+  rng = jax.random.PRNGKey(5)
+  x, nfe = sampling.get_sampling_fn(config, sde, model, shape, lambda x: 2 * x, eps)(
+      rng, params, states)
+  score_fn = mutils.get_score_fn(sde, model, params, states, continuous=continuous)
+  x_ref, nfe_ref = sampling.get_score_sampling_fn(config, sde, shape, lambda x: 2 * x, eps)(
+      rng, score_fn)
+  assert x.shape == shape and int(nfe) == int(nfe_ref) == 2 * 20
+  np.testing.assert_allclose(x, x_ref, rtol=1e-5, atol=1e-5)
+
+
+_SHARDED_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import sampling, sampling_test as st
+assert jax.device_count() == 2
+sde = st.SDES['vp'](50)
+sampler = sampling.get_pc_sampler(sde, (64, 2), 'reverse_diffusion', 'langevin', lambda x: x, 0.16)
+mesh = Mesh(np.array(jax.devices()), ('batch',))
+sharded = jax.jit(sampler, static_argnums=1, out_shardings=(NamedSharding(mesh, P('batch')), None))
+x, _ = sharded(jax.random.PRNGKey(0), st.gaussian_score(sde))
+assert len(x.sharding.device_set) == 2, x.sharding
+ref, _ = jax.jit(sampler, static_argnums=1)(jax.random.PRNGKey(0), st.gaussian_score(sde))
+np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=1e-4, atol=1e-4)
+print('OK')
+"""
+
+
+@pytest.mark.slow
+def test_batch_sharded_over_two_devices_matches_one():
+  """The caller may shard the batch (jit with shardings): same samples as on one device."""
+  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
