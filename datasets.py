@@ -1,0 +1,590 @@
+"""Training and evaluation data: TFDS image datasets, local image files and toy distributions.
+
+API of score_sde's `datasets.py`: `get_data_scaler`, `get_data_inverse_scaler` and
+`get_dataset(config, additional_dim, uniform_dequantization, evaluation)`, which returns tf.data
+pipelines of dicts {'image': float32, 'label': int32}. Images are in [0, 1] (the scaler maps them
+to the model's range); a host batch is [per_host_batch, ...] or [additional_dim, per_host_batch,
+...] with per_host_batch = batch_size // jax.process_count(); the training loop shards it over the
+local devices.
+
+Nothing here downloads: TFDS datasets must already be prepared (`tfds build NAME`). Datasets that
+need no download: the toy distributions of mle_score_ode's toy.py ('MOG1D', 'CHECKERBOARD',
+'SWISSROLL', 'POINT'; flat (B, dim) vectors), scikit-learn's 8x8 digits ('DIGITS') and a local
+.npz of uint8 images ('NPZ').
+"""
+import glob
+import math
+import os
+import pickle
+import tarfile
+
+import jax
+import numpy as np
+from scipy import integrate
+from scipy import special
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+try:  # Keep TF off the accelerators: JAX owns them.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised its devices; nothing to do.
+  pass
+
+TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
+TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
+LOCAL_DATASETS = ('DIGITS', 'NPZ')
+KNOWN_DATASETS = TFDS_DATASETS + LOCAL_DATASETS + TOY_DATASETS
+
+SHUFFLE_BUFFER_SIZE = 10000
+# Samples per host in a toy evaluation pass (toy.py scored 5000 fresh samples per repeat).
+TOY_EVAL_SIZE = 5000
+
+
+def is_toy(config_or_name):
+  """Whether a dataset name (or config) is one of the flat low-dimensional toy distributions."""
+  name = config_or_name if isinstance(config_or_name, str) else config_or_name.data.dataset
+  return name in TOY_DATASETS
+
+
+def get_data_scaler(config):
+  """Data normalizer: [0, 1] -> [-1, 1] when config.data.centered (identity for toy data)."""
+  if config.data.centered and not is_toy(config):
+    return lambda x: x * 2. - 1.
+  return lambda x: x
+
+
+def get_data_inverse_scaler(config):
+  """Inverse of `get_data_scaler`: [-1, 1] -> [0, 1] when centered (identity for toy data)."""
+  if config.data.centered and not is_toy(config):
+    return lambda x: (x + 1.) / 2.
+  return lambda x: x
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy distributions (mle_score_ode toy.py `inf_train_gen`).
+
+_MOG_MEANS = np.array([-2., -6., 4.]) / 7.
+_MOG_VARS = np.array([0.1, 0.1, 1.]) / 7. ** 2  # toy.py calls these `stds` but uses them as variances
+_MOG_WEIGHTS = np.array([0.3, 0.3, 0.4])
+_POINT_CENTERS = np.array([-6., -3., 0., 3., 6.])
+_POINT_WEIGHTS = np.full(5, 0.2)
+_POINT_WIDTH = 0.001
+_SWISSROLL_OFFSET = 4.5
+_TOY_DIMS = {'MOG1D': 1, 'CHECKERBOARD': 2, 'SWISSROLL': 2, 'POINT': 1}
+
+
+def _check_toy(name):
+  if name not in _TOY_DIMS:
+    raise ValueError(f'Unknown toy dataset {name!r}; use one of {", ".join(TOY_DATASETS)}.')
+
+
+def toy_dim(name):
+  """Dimension of a toy distribution."""
+  _check_toy(name)
+  return _TOY_DIMS[name]
+
+
+def _stratified_counts(rng, n, weights):
+  """Per-component counts as toy.py (int(n * w_i)); any remainder is drawn from the weights."""
+  counts = np.floor(n * weights + 1e-9).astype(np.int64)
+  rest = n - counts.sum()
+  if rest > 0:
+    counts += rng.multinomial(rest, weights)
+  return counts
+
+
+def sample_toy(name, rng_or_seed, n):
+  """n samples (float32, shape (n, dim)) of a toy distribution, as toy.py draws them.
+
+  MOG1D and POINT draw int(n * weight) points per component (toy.py's stratified batches) and
+  shuffle; SWISSROLL is sklearn's make_swiss_roll (noise 1, columns 0 and 2, / 10) in five copies
+  at (0, 0) and (+-4.5, +-4.5), shuffled and cut to n. `rng_or_seed`: int, None or a
+  np.random.Generator (advanced in place).
+  """
+  _check_toy(name)
+  rng = np.random.default_rng(rng_or_seed)
+  n = int(n)
+  if name == 'MOG1D':
+    counts = _stratified_counts(rng, n, _MOG_WEIGHTS)
+    comp = np.repeat(np.arange(3), counts)
+    x = rng.standard_normal(n) * np.sqrt(_MOG_VARS[comp]) + _MOG_MEANS[comp]
+    x = x[rng.permutation(n)][:, None]
+  elif name == 'POINT':
+    counts = _stratified_counts(rng, n, _POINT_WEIGHTS)
+    comp = np.repeat(np.arange(5), counts)
+    x = rng.random(n) * _POINT_WIDTH + _POINT_CENTERS[comp] - _POINT_WIDTH / 2.
+    x = x[rng.permutation(n)][:, None]
+  elif name == 'CHECKERBOARD':
+    x1 = rng.random(n) * 4. - 2.
+    x2 = rng.random(n) - rng.integers(0, 2, n) * 2. + np.floor(x1) % 2
+    x = np.stack([x1, x2], axis=1) * 2.
+  else:  # SWISSROLL
+    from sklearn.datasets import make_swiss_roll  # pylint: disable=g-import-not-at-top
+    m = max(1, math.ceil(n / 5))
+    base = make_swiss_roll(n_samples=m, noise=1.0, random_state=int(rng.integers(2 ** 31 - 1)))[0]
+    base = base[:, [0, 2]] / 10.
+    r = _SWISSROLL_OFFSET
+    offsets = np.array([[0., 0.], [-r, -r], [-r, r], [r, -r], [r, r]])
+    x = (base[None] + offsets[:, None]).reshape(-1, 2)
+    x = x[rng.permutation(len(x))[:n]]
+  return np.asarray(x, np.float32)
+
+
+def toy_log_prob(name, x):
+  """Exact log density of a toy distribution at x (..., dim) -> (...,) in float64 numpy.
+
+  CHECKERBOARD: -log 32 on its 8 squares of side 2, -inf elsewhere; POINT: log(0.2 / 0.001) inside
+  its five intervals, -inf elsewhere. SWISSROLL has no closed form (ValueError).
+  """
+  _check_toy(name)
+  x = np.asarray(x, np.float64)
+  if x.shape[-1] != _TOY_DIMS[name]:
+    raise ValueError(f'{name} points need a trailing axis of size {_TOY_DIMS[name]}, got shape '
+                     f'{x.shape}; pass an array (..., {_TOY_DIMS[name]}).')
+  if name == 'MOG1D':
+    y = x[..., 0, None]
+    comps = (np.log(_MOG_WEIGHTS) - 0.5 * np.log(2 * np.pi * _MOG_VARS)
+             - (y - _MOG_MEANS) ** 2 / (2 * _MOG_VARS))
+    return special.logsumexp(comps, axis=-1)
+  if name == 'POINT':
+    y = x[..., 0, None]
+    lo = _POINT_CENTERS - _POINT_WIDTH / 2.
+    inside = np.any((y >= lo) & (y < lo + _POINT_WIDTH), axis=-1)
+    return np.where(inside, np.log(0.2 / _POINT_WIDTH), -np.inf)
+  if name == 'CHECKERBOARD':
+    in_box = np.all((x >= -4.) & (x < 4.), axis=-1)
+    cells = np.floor(x / 2.)
+    on_board = (cells[..., 0] + cells[..., 1]) % 2 == 0
+    return np.where(in_box & on_board, -np.log(32.), -np.inf)
+  raise ValueError('SWISSROLL has no closed-form density; use MOG1D, CHECKERBOARD or POINT for '
+                   'exact log-likelihoods.')
+
+
+def toy_true_nll(name):
+  """Expected negative log-likelihood (differential entropy, nats) of a toy distribution."""
+  _check_toy(name)
+  if name == 'CHECKERBOARD':
+    return float(np.log(32.))
+  if name == 'POINT':
+    return float(-np.log(0.2 / _POINT_WIDTH))
+  if name == 'MOG1D':
+    sd = np.sqrt(_MOG_VARS)
+    lo, hi = np.min(_MOG_MEANS - 15 * sd), np.max(_MOG_MEANS + 15 * sd)
+
+    def integrand(y):
+      logp = toy_log_prob('MOG1D', np.array([y]))
+      return -np.exp(logp) * logp
+
+    value, _ = integrate.quad(integrand, lo, hi, points=sorted(_MOG_MEANS), limit=500,
+                              epsabs=1e-12, epsrel=1e-12)
+    return float(value)
+  raise ValueError('SWISSROLL has no closed-form density, so no exact NLL; estimate it from '
+                   'samples or use MOG1D, CHECKERBOARD or POINT.')
+
+
+def _toy_dataset(config, name, split_id, batch_dims, num_batches):
+  """tf.data stream of toy batches seeded from (config.seed, process_index, split)."""
+  dim = toy_dim(name)
+  want = config.data.get('dim', dim)
+  if want != dim:
+    raise ValueError(f'{name} is {dim}-dimensional but config.data.dim = {want}; set '
+                     f'--config.data.dim={dim}.')
+  shape = tuple(batch_dims) + (dim,)
+  size = int(np.prod(batch_dims))
+  seed = (int(config.seed) % 2 ** 32, jax.process_index(), split_id)
+
+  def gen():
+    rng = np.random.default_rng(seed)
+    i = 0
+    while num_batches is None or i < num_batches:
+      x = sample_toy(name, rng, size).reshape(shape)
+      yield {'image': x, 'label': np.zeros(shape[:-1], np.int32)}
+      i += 1
+
+  spec = {'image': tf.TensorSpec(shape, tf.float32), 'label': tf.TensorSpec(shape[:-1], tf.int32)}
+  ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image preprocessing (score_sde).
+
+def crop_resize(image, resolution):
+  """Center-crop to a square and resize (bicubic, antialiased) to resolution; uint8 out."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  crop = tf.minimum(h, w)
+  image = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+  image = tf.image.resize(image, size=(resolution, resolution), antialias=True,
+                          method=tf.image.ResizeMethod.BICUBIC)
+  # score_sde cast the bicubic output straight to uint8; clip and round so overshoots stay valid.
+  return tf.cast(tf.round(tf.clip_by_value(image, 0., 255.)), tf.uint8)
+
+
+def resize_small(image, resolution):
+  """Shrink an image so that its shorter side is resolution (antialiased bilinear)."""
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  ratio = resolution / tf.minimum(h, w)
+  h = tf.cast(tf.round(h * ratio), tf.int32)
+  w = tf.cast(tf.round(w * ratio), tf.int32)
+  return tf.image.resize(image, [h, w], antialias=True)
+
+
+def central_crop(image, size):
+  """Crop the center of an image to size x size."""
+  top = (tf.shape(image)[0] - size) // 2
+  left = (tf.shape(image)[1] - size) // 2
+  return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def _resize_uint8(images, size, chunk=4096):
+  """Resize uint8 NHWC images to size x size (antialiased bilinear), re-quantised to uint8."""
+  if images.shape[1] == size and images.shape[2] == size:
+    return images
+  out = []
+  for i in range(0, len(images), chunk):
+    x = tf.image.resize(tf.cast(images[i:i + chunk], tf.float32), [size, size],
+                        method='bilinear', antialias=True)
+    out.append(np.clip(np.round(x.numpy()), 0, 255).astype(np.uint8))
+  if not out:
+    return np.zeros((0, size, size, images.shape[-1]), np.uint8)
+  return np.concatenate(out)
+
+
+def _match_channels(images, num_channels, what):
+  """NHW or NHWC uint8 -> NHWC with num_channels (1 -> 3 by tiling)."""
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(f'{what}: expected NHWC images, got shape {images.shape}; store an array '
+                     '(N, H, W, C).')
+  c = images.shape[-1]
+  if c == num_channels:
+    return images
+  if c == 1 and num_channels == 3:
+    return np.repeat(images, 3, axis=-1)
+  raise ValueError(f'{what} has {c} channels but config.data.num_channels = {num_channels}; set '
+                   f'--config.data.num_channels={c}.')
+
+
+def _shard(array, index, count):
+  return array[index::count]
+
+
+def _in_memory_source(images, labels, shuffle):
+  """tf.data dataset of single examples from numpy arrays, in a fresh random order per epoch."""
+  n = len(images)
+  images_t = tf.constant(images)
+  labels_t = tf.constant(np.asarray(labels, np.int32))
+  ds = tf.data.Dataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(n, reshuffle_each_iteration=True)
+  return ds.map(lambda i: {'image': tf.gather(images_t, i), 'label': tf.gather(labels_t, i)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _digits_arrays(config):
+  """scikit-learn's 8x8 digits as uint8 NHWC (train = first 80%, test = last 20%)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images / 16. * 255.).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  size = config.data.image_size
+  images = _match_channels(_resize_uint8(images, size), config.data.num_channels, 'DIGITS')
+  n_test = len(images) // 5
+  return {'train': (images[:-n_test], labels[:-n_test]),
+          'test': (images[-n_test:], labels[-n_test:])}
+
+
+def _npz_arrays(config):
+  """A local .npz of uint8 images: keys 'train' (+ 'test'), or one array split 90/10."""
+  path = config.data.path
+  if not path or not os.path.isfile(path):
+    raise ValueError(f'NPZ dataset file {path!r} not found; set --config.data.path to a .npz of '
+                     'uint8 NHWC images.')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Cannot read NPZ dataset {path!r} ({type(e).__name__}: {e}); set '
+                     '--config.data.path to a numpy .npz file.') from None
+  image_keys = [k for k in arrays if not k.endswith('labels')]
+  if 'train' in arrays:
+    train = arrays['train']
+    test = arrays.get('test')
+    train_labels = arrays.get('train_labels')
+    test_labels = arrays.get('test_labels')
+  elif len(image_keys) == 1:
+    train, test = arrays[image_keys[0]], None
+    train_labels, test_labels = arrays.get('labels'), None
+  else:
+    raise ValueError(f'NPZ file {path!r} has keys {sorted(arrays)}; store images under '
+                     "'train' (and optionally 'test') or save a single array.")
+  if test is None:  # hold out the last 10%
+    n_test = max(1, len(train) // 10)
+    test = train[-n_test:]
+    train = train[:-n_test]
+    if train_labels is not None:
+      test_labels = train_labels[-n_test:]
+      train_labels = train_labels[:-n_test]
+  out = {}
+  for split, images, labels in (('train', train, train_labels), ('test', test, test_labels)):
+    if images.dtype != np.uint8:
+      raise ValueError(f'NPZ file {path!r}: {split} images are {images.dtype}, not uint8; save '
+                       'uint8 pixel values in 0..255.')
+    images = _match_channels(images, config.data.num_channels, f'NPZ file {path!r}')
+    images = _resize_uint8(images, config.data.image_size)
+    if labels is None or len(labels) != len(images):
+      labels = np.zeros(len(images), np.int32)
+    out[split] = (images, labels.astype(np.int32))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Local downsampled ImageNet (the files behind TFDS `downsampled_imagenet`, whose download is gone).
+
+def _imagenet_local_source(config, split, shuffle):
+  """Per-host examples of a local downsampled-ImageNet copy at config.data.path.
+
+  Accepted layouts under the path (or one folder below it):
+  - van den Oord et al. (what TFDS `downsampled_imagenet` wrapped): PNG folders
+    `train_32x32/`, `valid_32x32/`, or the original tars `train_32x32.tar`, `valid_32x32.tar`;
+  - Chrabaszcz et al. batches: `train_data_batch_*` and `val_data` (pickle or .npz with 'data'
+    rows in CHW order and 1-based 'labels').
+  """
+  root = config.data.path
+  size = config.data.image_size
+  pi, pc = jax.process_index(), jax.process_count()
+  if not os.path.isdir(root):
+    raise ValueError(f'ImageNet directory {root!r} not found; set --config.data.path to the '
+                     'folder holding the downsampled-ImageNet files (or leave it empty for TFDS).')
+
+  def find(pattern):
+    return sorted(glob.glob(os.path.join(root, pattern)) + glob.glob(os.path.join(root, '*', pattern)))
+
+  tag = 'train' if split == 'train' else 'valid'
+  png_dirs = [d for d in find(f'{tag}_{size}x{size}') if os.path.isdir(d)]
+  tars = [t for t in find(f'{tag}_{size}x{size}.tar') if os.path.isfile(t)]
+  batch_pat = 'train_data_batch_*' if split == 'train' else 'val_data*'
+  batches = [b for b in find(batch_pat) if os.path.isfile(b)]
+
+  def decode(path_or_bytes, is_path):
+    data = tf.io.read_file(path_or_bytes) if is_path else path_or_bytes
+    return {'image': tf.ensure_shape(tf.io.decode_png(data, channels=3), (size, size, 3)),
+            'label': tf.constant(0, tf.int32)}
+
+  if png_dirs:
+    files = sorted(glob.glob(os.path.join(png_dirs[0], '*.png')))[pi::pc]
+    if not files:
+      raise ValueError(f'No PNG files in {png_dirs[0]!r}; extract {tag}_{size}x{size}.tar there.')
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+      ds = ds.shuffle(len(files))
+    return ds.map(lambda p: decode(p, True), num_parallel_calls=tf.data.AUTOTUNE)
+  if tars:
+    tar_path = tars[0]
+
+    def gen_tar():
+      with tarfile.open(tar_path) as tf_file:
+        i = 0
+        for member in tf_file:
+          if member.isfile() and member.name.endswith('.png'):
+            if i % pc == pi:
+              yield tf_file.extractfile(member).read()
+            i += 1
+    ds = tf.data.Dataset.from_generator(gen_tar, output_signature=tf.TensorSpec((), tf.string))
+    return ds.map(lambda b: decode(b, False), num_parallel_calls=tf.data.AUTOTUNE)
+  if batches:
+    def load(path):
+      if path.endswith('.npz'):
+        with np.load(path) as f:
+          return f['data'], f['labels']
+      with open(path, 'rb') as f:
+        d = pickle.load(f)
+      return d['data'], d['labels']
+
+    def gen_batches():
+      order = np.random.default_rng().permutation(len(batches)) if shuffle else range(len(batches))
+      for j in order:
+        data, labels = load(batches[j])
+        data = np.asarray(data, np.uint8)[pi::pc]
+        labels = np.asarray(labels, np.int64)[pi::pc] - 1
+        side = int(round(math.sqrt(data.shape[1] // 3)))
+        if side != size:
+          raise ValueError(f'{batches[j]!r} holds {side}x{side} images but config.data.image_size'
+                           f' = {size}; set --config.data.image_size={side}.')
+        images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
+        for k in range(len(images)):
+          yield {'image': images[k], 'label': np.int32(labels[k])}
+    spec = {'image': tf.TensorSpec((size, size, 3), tf.uint8), 'label': tf.TensorSpec((), tf.int32)}
+    return tf.data.Dataset.from_generator(gen_batches, output_signature=spec)
+  raise ValueError(f'No downsampled-ImageNet {split} files for {size}x{size} under {root!r}; expect '
+                   f'{tag}_{size}x{size}/ (PNGs), {tag}_{size}x{size}.tar or {batch_pat} files.')
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS.
+
+def _tfds_builder(name, config):
+  """A TFDS builder for an already prepared dataset; ValueError naming the fix otherwise."""
+  data_dir = config.data.get('tfds_dir', '') or None
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    where = data_dir or 'the default TFDS data_dir'
+    hint = ''
+    if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+      hint = (f' (manual download: put its files in <data_dir>/downloads/manual and run '
+              f'`tfds build {name} --manual_dir=...`)')
+    if name.startswith('downsampled_imagenet'):
+      hint = (' (its download URL is gone: or set --config.data.path to a local folder of the '
+              'downsampled-ImageNet files)')
+    raise ValueError(f'TFDS dataset {name!r} is not prepared in {where} and this code never '
+                     f'downloads; run `tfds build {name}` on a machine with internet and copy the '
+                     f'data_dir here, or set --config.data.tfds_dir to a prepared TFDS data_dir'
+                     f'{hint}.')
+  return builder
+
+
+def _tfds_route(config):
+  """(tfds name, train split, eval split, resize_op) for the TFDS image datasets."""
+  name = config.data.dataset
+  size = config.data.image_size
+
+  def convert_resize(img):
+    img = tf.image.convert_image_dtype(img, tf.float32)
+    return tf.image.resize(img, [size, size], antialias=True)
+
+  if name == 'CIFAR10':
+    return 'cifar10', 'train', 'test', convert_resize
+  if name == 'SVHN':
+    return 'svhn_cropped', 'train', 'test', convert_resize
+  if name == 'MNIST':
+    return 'mnist', 'train', 'test', convert_resize
+  if name == 'CELEBA':
+    def celeba_op(img):
+      img = tf.image.convert_image_dtype(img, tf.float32)
+      img = central_crop(img, 140)
+      return resize_small(img, size)
+    return 'celeb_a', 'train', 'validation', celeba_op
+  if name == 'ImageNet':
+    if size not in (32, 64):
+      raise ValueError(f'ImageNet comes as 32x32 or 64x64, not {size}; set '
+                       '--config.data.image_size=32 (or 64).')
+    return (f'downsampled_imagenet/{size}x{size}', 'train', 'validation',
+            lambda img: tf.image.convert_image_dtype(img, tf.float32))
+  if name == 'LSUN':
+    category = config.data.get('category', '')
+    if not category:
+      raise ValueError('LSUN needs a category; set --config.data.category (e.g. church_outdoor).')
+    if size == 128:
+      def lsun_op(img):
+        img = tf.image.convert_image_dtype(img, tf.float32)
+        img = resize_small(img, size)
+        return central_crop(img, size)
+    else:
+      def lsun_op(img):
+        return tf.image.convert_image_dtype(crop_resize(img, size), tf.float32)
+    return f'lsun/{category}', 'train', 'validation', lsun_op
+  raise AssertionError(name)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def get_dataset(config, additional_dim=None, uniform_dequantization=False, evaluation=False):
+  """Create the training and evaluation pipelines.
+
+  Args:
+    config: ml_collections config (reads config.data.*, config.training.batch_size,
+      config.eval.batch_size, config.seed).
+    additional_dim: if given, batches get a leading axis of this size (steps jitted together).
+    uniform_dequantization: add U[0, 1) noise to 8-bit images: (x * 255 + u) / 256.
+    evaluation: use config.eval.batch_size, no random flips, and one epoch (finite datasets).
+
+  Returns:
+    (train_ds, eval_ds, dataset_builder); dataset_builder is the TFDS builder, or None for data
+    that is not from TFDS.
+  """
+  name = config.data.dataset
+  if name not in KNOWN_DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; set --config.data.dataset to one of '
+                     f'{", ".join(KNOWN_DATASETS)}.')
+  batch_size = config.eval.batch_size if evaluation else config.training.batch_size
+  if batch_size % jax.device_count() != 0:
+    raise ValueError(f'Batch size {batch_size} is not divisible by the number of devices '
+                     f'({jax.device_count()}); set a multiple of {jax.device_count()}.')
+  per_host_batch = batch_size // jax.process_count()
+  batch_dims = [per_host_batch] if additional_dim is None else [additional_dim, per_host_batch]
+  num_epochs = 1 if evaluation else None
+
+  if name in TOY_DATASETS:
+    num_batches = None
+    if evaluation:
+      n_eval = config.data.get('toy_eval_size', TOY_EVAL_SIZE)
+      num_batches = max(1, n_eval // int(np.prod(batch_dims)))
+    train_ds = _toy_dataset(config, name, 0, batch_dims, num_batches)
+    eval_ds = _toy_dataset(config, name, 1, batch_dims, num_batches)
+    return train_ds, eval_ds, None
+
+  size = config.data.image_size
+  if not size or size < 1 or config.data.num_channels not in (1, 3):
+    raise ValueError(f'{name} images need config.data.image_size >= 1 and num_channels 1 or 3 '
+                     f'(got {size}, {config.data.num_channels}); set --config.data.image_size '
+                     'and --config.data.num_channels.')
+  dataset_builder = None
+  if name in LOCAL_DATASETS:
+    arrays = _digits_arrays(config) if name == 'DIGITS' else _npz_arrays(config)
+    pi, pc = jax.process_index(), jax.process_count()
+    if evaluation:
+      for split, (images, _) in arrays.items():
+        if len(images) // pc < int(np.prod(batch_dims)):
+          raise ValueError(f'{name} {split} split has {len(images)} images, fewer than one '
+                           f'evaluation batch ({int(np.prod(batch_dims))} per host); lower '
+                           '--config.eval.batch_size.')
+
+    def source(split, shuffle):
+      images, labels = arrays['train' if split == 'train' else 'test']
+      return _in_memory_source(_shard(images, pi, pc), _shard(labels, pi, pc), shuffle)
+
+    train_split, eval_split = 'train', 'test'
+
+    def resize_op(img):
+      return tf.image.convert_image_dtype(img, tf.float32)
+  elif name == 'ImageNet' and config.data.get('path', ''):
+    _tfds_route(config)  # validates image_size
+    train_split, eval_split = 'train', 'validation'
+    source = lambda split, shuffle: _imagenet_local_source(config, split, shuffle)
+
+    def resize_op(img):
+      return tf.image.convert_image_dtype(img, tf.float32)
+  else:
+    tfds_name, train_split, eval_split, resize_op = _tfds_route(config)
+    dataset_builder = _tfds_builder(tfds_name, config)
+
+    def source(split, shuffle):
+      options = tf.data.Options()
+      options.experimental_optimization.map_parallelization = True
+      options.threading.max_intra_op_parallelism = 1
+      return dataset_builder.as_dataset(split=tfds.split_for_jax_process(split),
+                                        shuffle_files=shuffle,
+                                        read_config=tfds.ReadConfig(options=options))
+
+  def preprocess_fn(d):
+    """uint8 image -> float32 in [0, 1] (resized), random flip, optional dequantization."""
+    img = resize_op(d['image'])
+    if config.data.random_flip and not evaluation:
+      img = tf.image.random_flip_left_right(img)
+    if uniform_dequantization:
+      img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * 255.) / 256.
+    label = tf.cast(d['label'], tf.int32) if 'label' in d else tf.constant(0, tf.int32)
+    return {'image': img, 'label': label}
+
+  def create_dataset(split):
+    ds = source(split, True)
+    ds = ds.repeat(count=num_epochs)
+    ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
+    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    for size in reversed(batch_dims):
+      ds = ds.batch(size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return create_dataset(train_split), create_dataset(eval_split), dataset_builder
