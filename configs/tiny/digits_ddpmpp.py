@@ -1,0 +1,18 @@
+"""Tiny DDPM++ (the ncsnpp class with VP settings) on 16x16x3 DIGITS, VP SDE: a CPU smoke run."""
+from configs.tiny.digits_common import get_tiny_digits_config
+
+
+def get_config():
+  config = get_tiny_digits_config()
+  config.training.sde = 'vpsde'
+  config.sampling.smallest_time = 1e-3
+  config.data.centered = True
+
+  model = config.model
+  model.name = 'ncsnpp'
+  model.scale_by_sigma = False
+  model.fir = False
+  model.progressive = 'none'
+  model.progressive_input = 'none'
+  model.embedding_type = 'positional'
+  return config
