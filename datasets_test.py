@@ -217,6 +217,12 @@ def test_unprepared_tfds_dataset_raises_without_download(tmp_path):
 
 # ------------------------------------------------------------------------------- TFDS (mocked)
 
+@pytest.fixture(autouse=True)
+def small_shuffle_buffer(monkeypatch):
+  """Mocked TFDS examples come from a Python generator: keep the shuffle buffer small."""
+  monkeypatch.setattr(datasets, 'SHUFFLE_BUFFER_SIZE', 8)
+
+
 def mocked_tfds(num_examples=16, **kw):
   stack = tfds.testing.mock_data(num_examples=num_examples, **kw)
   prepared = mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True)
