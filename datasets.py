@@ -64,7 +64,8 @@ def get_data_inverse_scaler(config):
 # Toy distributions (mle_score_ode toy.py `inf_train_gen`).
 
 _MOG_MEANS = np.array([-2., -6., 4.]) / 7.
-_MOG_VARS = np.array([0.1, 0.1, 1.]) / 7. ** 2  # toy.py calls these `stds` but uses them as variances
+# toy.py calls these `stds` but uses them as variances.
+_MOG_VARS = np.array([0.1, 0.1, 1.]) / 7. ** 2
 _MOG_WEIGHTS = np.array([0.3, 0.3, 0.4])
 _POINT_CENTERS = np.array([-6., -3., 0., 3., 6.])
 _POINT_WEIGHTS = np.full(5, 0.2)
@@ -360,7 +361,8 @@ def _imagenet_local_source(config, split, shuffle):
                      'folder holding the downsampled-ImageNet files (or leave it empty for TFDS).')
 
   def find(pattern):
-    return sorted(glob.glob(os.path.join(root, pattern)) + glob.glob(os.path.join(root, '*', pattern)))
+    return sorted(glob.glob(os.path.join(root, pattern))
+                  + glob.glob(os.path.join(root, '*', pattern)))
 
   tag = 'train' if split == 'train' else 'valid'
   png_dirs = [d for d in find(f'{tag}_{size}x{size}') if os.path.isdir(d)]
@@ -418,7 +420,8 @@ def _imagenet_local_source(config, split, shuffle):
           yield {'image': images[k], 'label': np.int32(labels[k])}
     spec = {'image': tf.TensorSpec((size, size, 3), tf.uint8), 'label': tf.TensorSpec((), tf.int32)}
     return tf.data.Dataset.from_generator(gen_batches, output_signature=spec)
-  raise ValueError(f'No downsampled-ImageNet {split} files for {size}x{size} under {root!r}; expect '
+  raise ValueError(f'No downsampled-ImageNet {split} files for {size}x{size} under {root!r}; '
+                   'expect '
                    f'{tag}_{size}x{size}/ (PNGs), {tag}_{size}x{size}.tar or {batch_pat} files.')
 
 
