@@ -40,13 +40,15 @@ def perturb(params, seed):
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in out])
 
 
-def make_checks(model):
-  """One jitted forward returning noise, sldj, the sown activations and per-example Jacobians,
-  and one jitted inverse."""
+def make_checks(model, jacobian=True):
+  """One jitted forward returning noise, sldj, the sown activations and per-example Jacobians
+  (None without `jacobian`), one jitted inverse and the jitted public dequantizer."""
 
   @jax.jit
   def forward(params, u, x):
     (noise, sldj), state = model.apply({'params': params}, u, x, mutable=['intermediates'])
+    if not jacobian:
+      return noise, sldj, state['intermediates'], None
 
     def single(ui, xi):
       return model.apply({'params': params}, ui[None], xi[None])[0][0].reshape(-1)
@@ -60,12 +62,16 @@ def make_checks(model):
   return forward, inverse, deq
 
 
-def build(config, seed=0):
+def build(model, seed=0, jacobian=True):
+  """Init `model` (a Dequantization, or a config for init_dequantizer) on random 4x4 images."""
   rng = jax.random.PRNGKey(seed)
   x = jax.random.uniform(jax.random.fold_in(rng, 1), SHAPE)
   u = jax.random.normal(jax.random.fold_in(rng, 2), SHAPE)
-  model, params = flowpp.init_dequantizer(jax.random.fold_in(rng, 3), config, x, u=u)
-  forward, inverse, deq = make_checks(model)
+  if isinstance(model, flowpp.Dequantization):
+    params = flowpp.init_params(jax.random.fold_in(rng, 3), model, x, u=u)
+  else:
+    model, params = flowpp.init_dequantizer(jax.random.fold_in(rng, 3), model, x, u=u)
+  forward, inverse, deq = make_checks(model, jacobian)
   return dict(model=model, params=params, x=x, u=u, forward=forward, inverse=inverse, deq=deq,
               perturbed=perturb(params, seed))
 
@@ -104,7 +110,8 @@ def check_data_init(setup):
 
 
 def check_flow(setup):
-  """Jacobian log-determinant, range and invertibility with perturbed params."""
+  """Log-determinant against the exact Jacobian (when built with it), range and invertibility
+  with perturbed params."""
   params, x = setup['perturbed'], setup['x']
   u = jax.random.normal(jax.random.PRNGKey(11), SHAPE)
   noise, sldj, _, jac = setup['forward'](params, u, x)
@@ -112,22 +119,19 @@ def check_flow(setup):
   assert bool(jnp.all(noise > 0.)) and bool(jnp.all(noise < 1.))
   # The map is far from a fixed scaling: the log-determinant varies across examples.
   assert float(jnp.std(sldj)) > 0.1
-  sign, logdet = np.linalg.slogdet(np.asarray(jac, np.float64))
-  assert np.all(sign != 0)
-  np.testing.assert_allclose(sldj, logdet, rtol=0, atol=2e-3)
-  # The public dequantizer gives the same numbers.
-  noise2, sldj2 = setup['deq'](params, u, x)
-  np.testing.assert_allclose(noise2, noise, atol=1e-6)
-  np.testing.assert_allclose(sldj2, sldj, atol=1e-4)
+  if jac is not None:
+    sign, logdet = np.linalg.slogdet(np.asarray(jac, np.float64))
+    assert np.all(sign != 0)
+    np.testing.assert_allclose(sldj, logdet, rtol=0, atol=1e-3)
   # u -> noise -> u, and noise -> u -> noise for noise spread over (0, 1).
   u_back, sldj_back = setup['inverse'](params, noise, x)
-  np.testing.assert_allclose(u_back, u, atol=1e-3)
-  np.testing.assert_allclose(sldj_back, sldj, atol=2e-2)
+  np.testing.assert_allclose(u_back, u, atol=5e-4)
+  np.testing.assert_allclose(sldj_back, sldj, atol=1e-3)
   noise = jax.random.uniform(jax.random.PRNGKey(12), SHAPE, minval=0.01, maxval=0.99)
   u_inv, sldj_inv = setup['inverse'](params, noise, x)
-  noise_back, sldj_fwd = setup['deq'](params, u_inv, x)
-  np.testing.assert_allclose(noise_back, noise, atol=2e-5)
-  np.testing.assert_allclose(sldj_inv, sldj_fwd, atol=2e-3)
+  noise_back, sldj_fwd, _, _ = setup['forward'](params, u_inv, x)
+  np.testing.assert_allclose(noise_back, noise, atol=2e-6)
+  np.testing.assert_allclose(sldj_inv, sldj_fwd, atol=1e-3)
 
 
 def test_data_dependent_init(tiny):
@@ -136,6 +140,14 @@ def test_data_dependent_init(tiny):
 
 def test_flow_jacobian_range_and_inverse(tiny):
   check_flow(tiny)
+
+
+def test_public_dequantizer_matches_module(tiny):
+  u = jax.random.normal(jax.random.PRNGKey(11), SHAPE)
+  noise, sldj, _, _ = tiny['forward'](tiny['perturbed'], u, tiny['x'])
+  noise2, sldj2 = tiny['deq'](tiny['perturbed'], u, tiny['x'])
+  np.testing.assert_allclose(noise2, noise, atol=1e-6)
+  np.testing.assert_allclose(sldj2, sldj, atol=1e-4)
 
 
 def test_noise_strictly_inside_unit_interval_even_when_saturated(tiny):
@@ -170,3 +182,20 @@ def test_dropout_needs_rng_in_training():
   deq = flowpp.get_dequantizer(model, {}, train=True)
   with pytest.raises(ValueError, match='rng'):
     deq(jnp.zeros(SHAPE), jnp.zeros(SHAPE))
+
+
+def test_dropout_acts_in_training_only(tiny):
+  """config.deq.dropout reaches the context processor: training noise depends on the dropout
+  key, evaluation noise does not use one."""
+  model = dataclasses.replace(tiny['model'], dropout=0.5)
+  params, x = tiny['perturbed'], tiny['x']
+  u = jax.random.normal(jax.random.PRNGKey(5), SHAPE)
+  train = jax.jit(lambda u, x, r: flowpp.get_dequantizer(model, params, train=True)(u, x, rng=r))
+  a, _ = train(u, x, jax.random.PRNGKey(1))
+  b, _ = train(u, x, jax.random.PRNGKey(1))
+  c, _ = train(u, x, jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+  d, _ = tiny['deq'](params, u, x)
+  e, _ = jax.jit(flowpp.get_dequantizer(model, params))(u, x)  # eval mode: no dropout
+  np.testing.assert_allclose(e, d, atol=1e-6)

@@ -63,18 +63,25 @@ def init_dequantizer(rng, config, batch=None, u=None):
     raise ValueError(f'dequantizer needs an even config.data.image_size; got '
                      f'{config.data.image_size}.')
   model = get_model(config)
-  rng, data_rng, u_rng, params_rng, dropout_rng = jax.random.split(rng, 5)
+  data_rng, params_rng = jax.random.split(rng)
   if batch is None:
     n = min(int(config.training.batch_size), 64)
     batch = jax.random.uniform(data_rng, (n, config.data.image_size, config.data.image_size,
                                           config.data.num_channels))
   batch = _check_batch(config, batch)
+  return model, init_params(params_rng, model, batch, u=u)
+
+
+def init_params(rng, model, batch, u=None):
+  """Data-dependent init of a Dequantization module on images `batch` -> params."""
+  batch = jnp.asarray(batch, jnp.float32)
+  u_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
   if u is None:
     u = jax.random.normal(u_rng, batch.shape, batch.dtype)
   elif tuple(jnp.shape(u)) != batch.shape:
     raise ValueError(f'init u must have the batch shape {batch.shape}; got {jnp.shape(u)}.')
   init = jax.jit(lambda rngs, u, x: model.init(rngs, u, x, inverse=False, train=False)['params'])
-  return model, init({'params': _rbg_key(params_rng), 'dropout': dropout_rng}, u, batch)
+  return init({'params': _rbg_key(params_rng), 'dropout': dropout_rng}, u, batch)
 
 
 def get_dequantizer(model, params, train=False):
