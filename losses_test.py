@@ -198,6 +198,62 @@ def test_jvp_and_exact_losses_match_jacobian_formulas_2d(name):
                                                              np.mean(l3_all, 0)])), 5 * se + 1e-6)
 
 
+@pytest.mark.parametrize('exact', [False, True])
+def test_parameter_gradients_flow_only_through_the_highest_order_quantity(exact):
+  """d loss_k / d theta equals the gradient of a reference in which everything of lower order
+  (the score in c, J v, <v, J v>, J, tr J) is a constant taken at theta0: loss1 through s, loss2
+  through J (v), loss3 through grad <v, J v> (grad tr J)."""
+  sde, dim, batch = VP(), 2, 3
+  data, t, z = _fixed_inputs(dim, batch)
+  keys = jax.random.split(jax.random.PRNGKey(11), 3)
+  theta0 = {'w': jax.random.normal(keys[0], (dim, dim)), 'u': jax.random.normal(keys[1], (dim, dim)),
+            'b': jax.random.normal(keys[2], (dim,))}
+  single = lambda th, x, t: jnp.tanh(x @ th['w'] + th['b']) @ th['u'] * (1. + t) - x
+  score_fn = lambda th: (lambda x, t, rng=None: (jax.vmap(lambda x, t: single(th, x, t))(x, t), {}))
+  v = None if exact else jax.random.rademacher(jax.random.PRNGKey(12), data.shape, jnp.float32)
+
+  def ours(th):
+    l1, l2, l3, _ = losses.score_matching_losses(sde, score_fn(th), data, t, z, v,
+                                                 score_matching_order=3, exact_jacobian=exact)
+    return jnp.stack([l1.mean(), l2.mean(), l3.mean()])
+
+  mean, std = sde.marginal_prob(data, t)
+  x = mean + std[:, None] * z
+  sig = std[:, None]
+  eye = jnp.eye(dim)
+  derivs = lambda th: jax.vmap(lambda x, t: (single(th, x, t), jax.jacfwd(single, 1)(th, x, t),
+                                             jax.jacfwd(jax.jacfwd(single, 1), 1)(th, x, t)))(x, t)
+  s0, jac0, hess0 = derivs(theta0)
+  c0 = z + sig * s0
+
+  def reference(th):
+    s, jac, hess = derivs(th)
+    l1 = jnp.mean((sig * s + z) ** 2)
+    if exact:
+      a = sig[:, :, None] ** 2 * jac + eye - c0[:, :, None] * c0[:, None, :]
+      l2 = jnp.mean(jnp.sum(a ** 2, (1, 2)) / dim ** 2)
+      rest = (jnp.sum(c0 * c0, 1, keepdims=True) * c0
+              - (sig ** 2 * jnp.trace(jac0, axis1=1, axis2=2)[:, None] + dim) * c0
+              - 2 * jnp.einsum('bij,bj->bi', sig[:, :, None] ** 2 * jac0 + eye, c0))
+      l3 = jnp.mean(jnp.sum((sig ** 3 * jnp.einsum('biik->bk', hess) + rest) ** 2, 1) / dim)
+    else:
+      cv = jnp.sum(c0 * v, 1, keepdims=True)
+      jv, jv0 = jnp.einsum('bij,bj->bi', jac, v), jnp.einsum('bij,bj->bi', jac0, v)
+      vjv, vjv0 = jnp.sum(v * jv, 1, keepdims=True), jnp.sum(v * jv0, 1, keepdims=True)
+      vv = jnp.sum(v * v, 1, keepdims=True)
+      l2 = jnp.mean(jnp.sum((sig ** 2 * jv + v - cv * c0) ** 2, 1) / dim ** 2
+                    + ((sig ** 2 * vjv + vv - cv ** 2)[:, 0] / dim) ** 2)
+      rest = cv ** 2 * c0 - (sig ** 2 * vjv0 + vv) * c0 - 2 * cv * (sig ** 2 * jv0 + v)
+      grad_vjv = jnp.einsum('bi,bj,bijk->bk', v, v, hess)
+      l3 = jnp.mean(jnp.sum((sig ** 3 * grad_vjv + rest) ** 2, 1) / dim ** 3)
+    return jnp.stack([l1, l2, l3])
+
+  np.testing.assert_allclose(ours(theta0), reference(theta0), rtol=2e-4)
+  got, want = jax.jit(jax.jacrev(ours))(theta0), jax.jit(jax.jacrev(reference))(theta0)
+  for key in theta0:
+    np.testing.assert_allclose(got[key], want[key], rtol=2e-3, atol=1e-5 * np.abs(want[key]).max())
+
+
 @pytest.mark.parametrize('order', [2, 3])
 def test_one_dimensional_jvp_loss_is_exact(order):
   """In 1-D v = +-1 makes the estimators exact: loss2_jvp = 2 loss2_exact (the trace and
@@ -336,7 +392,7 @@ class TinyScore(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(ema_rate=0.9, ema_start=0, nonfinite='stop', train=True, order=2):
+def _setup(ema_rate=0.9, ema_start=0, nonfinite='stop', train=True, order=1):
   sde = VE()
   model = TinyScore()
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 2)), jnp.ones((2,)))['params']
@@ -380,7 +436,7 @@ def test_ema_from_initial_params_when_ema_start_is_zero():
 
 
 def test_nonfinite_skip_and_stop():
-  step_fn, state = _setup(nonfinite='skip')
+  step_fn, state = _setup(nonfinite='skip', order=2)
   state, _ = step_fn(state, BATCH)
   new, metrics = step_fn(state, NAN_BATCH)
   assert not bool(metrics['finite']) and not np.isfinite(float(metrics['loss']))
@@ -407,7 +463,7 @@ def test_eval_step_uses_ema_params_and_leaves_state():
   for field in ('step', 'params', 'opt_state', 'params_ema', 'model_state', 'nonfinite_count'):
     assert _leaves_equal(getattr(new, field), getattr(state, field)), field
   loss_fn = losses.get_sde_loss_fn(VE(), TinyScore(), False, likelihood_weighting=False,
-                                   importance_weighting=False, score_matching_order=2)
+                                   importance_weighting=False, score_matching_order=1)
   want = jax.jit(loss_fn)(jax.random.split(state.rng)[1], state.params_ema, {}, BATCH)[0]
   np.testing.assert_allclose(metrics['loss'], want, rtol=1e-6)
   assert bool(metrics['finite'])
