@@ -278,6 +278,9 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
       (loss, (new_model_state, loss1, loss2, loss3)), grads = grad_fn(
         step_rng, state.params, state.model_state, batch)
       finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
+      # Same container types as the incoming state (a scan carry must keep its pytree structure).
+      new_model_state = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(state.model_state), jax.tree_util.tree_leaves(new_model_state))
       updates, new_opt_state = optimize_fn.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
       copy = state.step < ema_start
