@@ -4,6 +4,12 @@ A flow maps u ~ N(0, I) (the image's shape) to noise in (0, 1)^D conditioned on 
 [0, 1]: checkerboard (column) split, then per coupling step ActNorm, [invertible 1x1 conv],
 mixture-of-logistics coupling conditioned on the other half and on features of x, swap halves;
 merge; sigmoid. One module serves every variant; `VARIANTS` holds the original sizes.
+
+Parameter tree: 'processor' (context), 'norm_k', 'pointwise_k' (cifar10), 'coupling_k'
+(k = 0, 1, ... over all stages); inside each, flat names as score_flow ('proj_W', 'c0_c1_W',
+'block0_conv_c1_V' / '_g' / '_b', 'norm0_g', 'W0', 'pos_emb', ...). score_flow named the
+top-level modules by class instead (Norm_0, MixLogisticAttnCoupling_0, ShallowProcessor_0, ...);
+see modules.py for the other differences a legacy-checkpoint import would have to map.
 """
 import dataclasses
 

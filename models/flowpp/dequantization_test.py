@@ -57,7 +57,7 @@ def make_checks(model, jacobian=True):
     jac = jax.vmap(jax.jacfwd(flat))(u.reshape(u.shape[0], -1), x)
     return noise, sldj, state['intermediates'], jac
 
-  inverse = jax.jit(lambda params, noise, x: flowpp.get_inverse_dequantizer(model, params)(noise, x))
+  inverse = jax.jit(lambda params, n, x: flowpp.get_inverse_dequantizer(model, params)(n, x))
   deq = jax.jit(lambda params, u, x: flowpp.get_dequantizer(model, params)(u, x))
   return forward, inverse, deq
 

@@ -51,7 +51,7 @@ def _data_init_layer(mod, x, *, name, shape, apply, init_scale, weight_norm):
   """A linear layer (apply(x, W) + b) with data-dependent init; params are made in `mod`."""
   axes = tuple(range(x.ndim - 1))
   if weight_norm:
-    v = mod.param(f'{name}_V', nn.initializers.normal(0.05), shape)
+    v = mod.param(f'{name}_V', nn.initializers.normal(0.05, x.dtype), shape)
     sq = jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1)))
     vnorm = v * jax.lax.rsqrt(jnp.maximum(sq, 1e-12))
 
@@ -62,7 +62,7 @@ def _data_init_layer(mod, x, *, name, shape, apply, init_scale, weight_norm):
     w = mod.param(f'{name}_g', g_init) * vnorm
   else:
     def w_init(rng):
-      v = jax.random.normal(rng, shape) * 0.05
+      v = jax.random.normal(rng, shape, x.dtype) * 0.05
       _, var = _moments(apply(x, v), axes)
       return v * (init_scale * jax.lax.rsqrt(var + 1e-6))
 
@@ -90,8 +90,8 @@ def nin(mod, x, *, name, features, init_scale=1.):
 def layernorm(mod, x, *, name, eps=1e-5):
   """Layer norm over the channel axis."""
   c = x.shape[-1]
-  g = mod.param(f'{name}_g', nn.initializers.ones, (c,))
-  b = mod.param(f'{name}_b', nn.initializers.zeros, (c,))
+  g = mod.param(f'{name}_g', nn.initializers.ones, (c,), x.dtype)
+  b = mod.param(f'{name}_b', nn.initializers.zeros, (c,), x.dtype)
   m = jnp.mean(x, axis=-1, keepdims=True)
   v = jnp.mean(jnp.square(x - m), axis=-1, keepdims=True)
   return (x - m) * jax.lax.rsqrt(v + eps) * g + b
@@ -191,9 +191,10 @@ class Pointwise(nn.Module):
     for i, x in enumerate(inputs):
       c = x.shape[-1]
       if self.noisy_identity_init:
-        init = lambda key, c=c: jnp.eye(c) + self.noisy_identity_init * jax.random.normal(key, (c, c))
+        init = lambda key, c=c, dt=x.dtype: (
+          jnp.eye(c, dtype=dt) + self.noisy_identity_init * jax.random.normal(key, (c, c), dt))
       else:  # random rotation
-        init = lambda key, c=c: jnp.linalg.qr(jax.random.normal(key, (c, c)))[0]
+        init = lambda key, c=c, dt=x.dtype: jnp.linalg.qr(jax.random.normal(key, (c, c), dt))[0]
       w = self.param(f'W{i}', init)
       out.append(_dense(x, jnp.linalg.inv(w) if inverse else w))
       logd = logd + x.shape[1] * x.shape[2] * jnp.linalg.slogdet(w)[1]
@@ -227,7 +228,7 @@ class MixLogisticCoupling(nn.Module):
     k = self.components
     x = conv2d(self, x, name='proj_in', features=self.filters, weight_norm=self.weight_norm)
     if self.attn:
-      pos_emb = self.param('pos_emb', nn.initializers.normal(0.01), (h, w, self.filters))
+      pos_emb = self.param('pos_emb', nn.initializers.normal(0.01, x.dtype), (h, w, self.filters))
     for i in range(self.blocks):
       name = f'block{i}'
       x = gated_conv(self, x, name=f'{name}_conv', a=context, use_nin=True, dropout=self.dropout,
@@ -286,7 +287,7 @@ class ContextProcessor(nn.Module):
     h = conv2d(self, jnp.concatenate([this, that], axis=-1), name='proj', features=self.filters,
                weight_norm=self.weight_norm)
     if self.attn:
-      pos_emb = self.param('pos_emb_dq', nn.initializers.normal(0.01), h.shape[1:])
+      pos_emb = self.param('pos_emb_dq', nn.initializers.normal(0.01, h.dtype), h.shape[1:])
     for i in range(self.blocks):
       h = gated_conv(self, h, name=f'c{i}', use_nin=False, dropout=self.dropout, train=train,
                      weight_norm=self.weight_norm)
