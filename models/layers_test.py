@@ -177,7 +177,8 @@ def test_gaussian_fourier_projection_is_frozen_unless_trainable():
     W = np.asarray(p['W'])
     assert W.shape == (6,) and 4. < W.std() < 40.
     out = mod.apply({'params': p}, x)
-    ref = np.concatenate([np.sin(2 * np.pi * np.outer(x, W)), np.cos(2 * np.pi * np.outer(x, W))], 1)
+    proj = 2 * np.pi * np.outer(x, W)
+    ref = np.concatenate([np.sin(proj), np.cos(proj)], 1)
     np.testing.assert_allclose(out, ref, atol=1e-4)
     g = jax.grad(lambda p: mod.apply({'params': p}, x).sum())(p)['W']
     assert bool(jnp.any(g != 0)) == trainable
@@ -216,7 +217,8 @@ def test_instance_norm_plus_and_conditional(x):
 
 
 def test_get_normalization_and_act_errors():
-  config = ml_collections.ConfigDict({'model': {'normalization': 'GroupNorm', 'nonlinearity': 'swish',
+  config = ml_collections.ConfigDict({'model': {'normalization': 'GroupNorm',
+                                                'nonlinearity': 'swish',
                                                 'num_classes': 10}})
   assert normalization.get_normalization(config) is layers.nn.GroupNorm
   assert layers.get_act(config) is jax.nn.swish

@@ -88,7 +88,8 @@ class InstanceNorm2dPlus(nn.Module):
   def __call__(self, x):
     mean, variance = _instance_stats(x)
     h = (x - mean) / jnp.sqrt(variance + 1e-5)
-    h = h + _means_plus(x)[:, None, None, :] * self.param('alpha', _near_one, (1, 1, 1, x.shape[-1]))
+    alpha = self.param('alpha', _near_one, (1, 1, 1, x.shape[-1]))
+    h = h + _means_plus(x)[:, None, None, :] * alpha
     h = h * self.param('gamma', _near_one, (1, 1, 1, x.shape[-1]))
     if self.bias:
       h = h + self.param('beta', init.zeros, (1, 1, 1, x.shape[-1]))

@@ -146,7 +146,8 @@ class Conv2d(nn.Module):
     if not (self.kernel >= 1 and self.kernel % 2 == 1):
       raise ValueError(f'Conv2d: kernel must be a positive odd int, got {self.kernel}.')
     kernel_init = self.kernel_init or nn.initializers.lecun_normal()
-    w = self.param(self.weight_var, kernel_init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
+    shape = (self.kernel, self.kernel, x.shape[-1], self.fmaps)
+    w = self.param(self.weight_var, kernel_init, shape)
     if self.up:
       x = upsample_conv_2d(x, w, k=self.resample_kernel)
     elif self.down:
