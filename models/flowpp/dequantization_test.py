@@ -68,9 +68,9 @@ def build(model, seed=0, jacobian=True):
   x = jax.random.uniform(jax.random.fold_in(rng, 1), SHAPE)
   u = jax.random.normal(jax.random.fold_in(rng, 2), SHAPE)
   if isinstance(model, flowpp.Dequantization):
-    params = flowpp.init_params(jax.random.fold_in(rng, 3), model, x, u=u)
+    params = flowpp.init_params(jax.random.fold_in(rng, 3), model, x, u=u, jit=True)
   else:
-    model, params = flowpp.init_dequantizer(jax.random.fold_in(rng, 3), model, x, u=u)
+    model, params = flowpp.init_dequantizer(jax.random.fold_in(rng, 3), model, x, u=u, jit=True)
   forward, inverse, deq = make_checks(model, jacobian)
   return dict(model=model, params=params, x=x, u=u, forward=forward, inverse=inverse, deq=deq,
               perturbed=perturb(params, seed))
