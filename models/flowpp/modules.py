@@ -18,7 +18,6 @@ Differences from the original code, all deliberate:
 Every layer's __call__ returns (output, logdet) with logdet the per-example log |det d out / d in|
 of the direction it ran in (None for volume-preserving reshapes).
 """
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
