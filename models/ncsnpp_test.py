@@ -251,7 +251,9 @@ def test_ddpm_tree_shape_and_sigma_scaling():
 def test_tiny_configs_build(name):
   config = load_config(name)
   assert config.data.image_size == 16 and config.model.nf == 32
-  assert config.training.batch_size == 16 and config.model.num_scales <= 20
+  assert config.training.batch_size == 16 and config.model.num_scales <= 100
+  if config.training.sde == 'vpsde':  # every DDPM alpha_i = 1 - beta_i must stay positive
+    assert config.model.beta_max / config.model.num_scales < 1.
   shapes = flat_shapes(abstract_params(config))
   n = sum(int(np.prod(s)) for s in shapes.values())
   assert 3e5 < n < 2e6

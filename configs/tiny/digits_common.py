@@ -1,4 +1,4 @@
-"""CPU-sized image settings shared by the tiny DIGITS configs (16x16x3, batch 16, 10 noise scales).
+"""CPU-sized image settings shared by the tiny DIGITS configs (16x16x3, batch 16, 50 noise scales).
 
 Sized so that training, checkpointing, PC sampling and likelihood evaluation each take seconds on
 two CPU cores; the network keeps every NCSN++ / DDPM++ component at nf 32, ch_mult (1, 2).
@@ -53,7 +53,9 @@ def get_tiny_digits_config():
   data.uniform_dequantization = False
 
   model = config.model
-  model.num_scales = 10
+  # PC sampling steps. VP needs num_scales > beta_max (= 20), else the DDPM chain's
+  # alpha = 1 - beta_max / num_scales goes negative.
+  model.num_scales = 50
   model.ema_rate = 0.99
   model.normalization = 'GroupNorm'
   model.nonlinearity = 'swish'
