@@ -1,5 +1,7 @@
 """Samplers against independent truth: Gaussian data N(MU, S^2 I) in 2-D, whose perturbed marginal
 p_t = N(m(t) MU, (m(t)^2 S^2 + std(t)^2) I) and score are known exactly for VP, sub-VP and VE."""
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,3 +228,77 @@ def test_batch_sharded_over_two_devices_matches_one():
   out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
+
+
+needs_ode_solver = pytest.mark.skipif(importlib.util.find_spec('ode_solver') is None,
+                                      reason='ode_solver.py is not there yet')
+TOL = 1e-6  # ODE tolerances: at 1e-5 the global error of the VP flow reaches ~2e-2 S
+
+
+def analytic_flow(sde, z, t_from, t_to):
+  """The probability-flow map of Gaussian data is affine: standardise at t_from, rescale at t_to."""
+  ones = lambda t: jnp.full((z.shape[0],), t)
+  m0, v0 = marginal(sde, ones(t_from))
+  m1, v1 = marginal(sde, ones(t_to))
+  return m1 + jnp.sqrt(v1 / v0) * (z - m0)
+
+
+@needs_ode_solver
+@pytest.mark.parametrize('name', list(SDES))
+def test_ode_sampler_is_the_exact_gaussian_flow(name):
+  """From a prior sample z the ODE sampler lands on the analytic flow of z (hence N(MU, S^2 I)),
+  deterministically: the rng only draws z."""
+  sde = SDES[name]()
+  eps = 1e-3
+  sampler = jax.jit(sampling.get_ode_sampler(sde, (B, 2), lambda x: x, rtol=TOL, atol=TOL,
+                                             eps=eps), static_argnums=1)
+  score_fn = gaussian_score(sde)
+  x, nfe = sampler(jax.random.PRNGKey(0), score_fn)
+  z = sde.prior_sampling(jax.random.split(jax.random.PRNGKey(0))[1], (B, 2))
+  np.testing.assert_allclose(x, analytic_flow(sde, z, sde.T, eps), atol=1e-2 * S)
+  mean_err, cov_err = moment_errors(x)
+  assert mean_err < MEAN_TOL and cov_err < COV_TOL, (mean_err, cov_err)
+  assert 10 < int(nfe) < 2000
+  x_again, _ = sampler(jax.random.PRNGKey(123), score_fn, z)
+  np.testing.assert_array_equal(x_again, x)
+
+
+@needs_ode_solver
+@pytest.mark.parametrize('name', ['vp', 've'])
+def test_ode_encoder_inverts_the_sampler(name):
+  sde = SDES[name]()
+  eps = 1e-3
+  shape = (256, 2)
+  score_fn = gaussian_score(sde)
+  sampler = sampling.get_ode_sampler(sde, shape, lambda x: x, rtol=TOL, atol=TOL, eps=eps)
+  encoder = sampling.get_ode_encoder(sde, shape, rtol=TOL, atol=TOL, eps=eps)
+
+  @jax.jit
+  def roundtrip(z):
+    x, _ = sampler(jax.random.PRNGKey(0), score_fn, z)
+    return x, encoder(x, score_fn)[0]
+
+  z = sde.prior_sampling(jax.random.PRNGKey(4), shape)
+  x, z_back = roundtrip(z)
+  assert float(jnp.max(jnp.abs(x - z))) > 0.1 * S  # the flow moved the points
+  np.testing.assert_allclose(z_back, z, atol=1e-2 * sde.prior_std())
+
+
+@needs_ode_solver
+def test_ode_denoise_and_config_route():
+  """config.sampling.method = 'ode' builds the ODE sampler; noise_removal adds one score call
+  that moves x by std(eps)^2 * score (VE: the reverse-diffusion step to sigma = 0)."""
+  config = base_config.get_base_config()
+  config.sampling.method = 'ode'
+  sde = SDES['ve']()
+  eps = 1e-3
+  shape = (64, 2)
+  score_fn = gaussian_score(sde)
+  rng = jax.random.PRNGKey(2)
+  config.sampling.noise_removal = False
+  x, nfe = sampling.get_score_sampling_fn(config, sde, shape, lambda x: x, eps)(rng, score_fn)
+  config.sampling.noise_removal = True
+  x_d, nfe_d = sampling.get_score_sampling_fn(config, sde, shape, lambda x: x, eps)(rng, score_fn)
+  assert int(nfe_d) == int(nfe) + 1
+  sigma = float(sde.discrete_sigmas[0])
+  np.testing.assert_allclose(x_d, x + sigma ** 2 * score_fn(x, jnp.full((64,), eps)), atol=1e-6)
