@@ -217,7 +217,7 @@ def _step_dirs(directory):
   return sorted((int(m.group(1)) for m in map(_NAME_RE.match, names) if m), reverse=True)
 
 
-def _restore_raw(step_dir, sharding):
+def restore_raw(step_dir, sharding):
   """Our checkpoint_N as a nested dict (structure from its own metadata), arrays on `sharding`."""
   ckptr = ocp.StandardCheckpointer()
   item_dir = os.path.join(os.path.abspath(step_dir), 'state')
@@ -253,7 +253,7 @@ def load_weights(path, target_state, sharding):
     raw = None
     for i, d in enumerate(step_dirs):
       try:
-        raw = _restore_raw(d, sharding)
+        raw = restore_raw(d, sharding)
         path = d
         break
       except Exception as e:  # pylint: disable=broad-except

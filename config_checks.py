@@ -69,6 +69,9 @@ def validate_config(config, mode='train', workdir=None):
   if len(tuple(t.loss_weights)) != 3:
     raise ValueError(f'training.loss_weights has {len(tuple(t.loss_weights))} entries: give three '
                      '(order 1, 2, 3), e.g. --config.training.loss_weights="(1.,1.,1.)".')
+  if config.optim.optimizer != 'Adam':
+    raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
+                     "set --config.optim.optimizer=Adam.")
   if t.nonfinite not in ('stop', 'skip'):
     raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
 

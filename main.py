@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
 FLAGS = flags.FLAGS
@@ -111,6 +112,13 @@ def parse_flags(argv):
   return rest
 
 
+class _QuietLibraries(logging.Filter):
+  """Drop the per-save INFO chatter of orbax (dozens of lines per checkpoint); keep warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
 def _setup_file_logging(directory):
   """Log to both console and directory/stdout.txt (process 0 only), as the original."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -119,6 +127,7 @@ def _setup_file_logging(directory):
   handler = logging.StreamHandler(open(os.path.join(directory, 'stdout.txt'), 'a'))
   handler.setFormatter(logging.Formatter(
     '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
+  handler.addFilter(_QuietLibraries())
   logger = logging.getLogger()
   logger.addHandler(handler)
   logger.setLevel('INFO')
@@ -132,6 +141,7 @@ def main(argv):
   except (IOError, OSError) as e:
     fail(f'config {_config_arg(sys.argv)} cannot be loaded: {str(e).splitlines()[0]}. Fix the path.')
   # Backend probing (e.g. 'Unable to initialize backend tpu') is not news on stderr.
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address:

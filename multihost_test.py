@@ -1,0 +1,72 @@
+"""Two local processes under jax.distributed (coordinator on 127.0.0.1, one CPU device each) train
+one tiny model together through main.py and agree on the checkpoint."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+import checkpoints
+import run_lib
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+  workdir = tmp_path / 'wd'
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_PLATFORMS='cpu')
+  args = ['--config=configs/toy/mog1d_ve.py', f'--workdir={workdir}', '--mode=train',
+          '--config.training.batch_size=64', '--config.training.n_iters=4',
+          '--config.training.snapshot_freq=2', '--config.training.snapshot_freq_for_preemption=2',
+          '--config.training.log_freq=1', '--config.training.eval_freq=2',
+          '--config.training.snapshot_sampling=False',
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  procs = [subprocess.Popen([sys.executable, 'main.py', *args, f'--process_id={i}'], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+
+  sums = {}
+  for _, err in outs:
+    m = re.search(r'Training done: process (\d)/2 at step 4, params checksum (\S+)\.', err)
+    assert m, err[-3000:]
+    sums[int(m.group(1))] = float(m.group(2))
+  assert sorted(sums) == [0, 1] and sums[0] == sums[1]
+
+  # One checkpoint, written once, holding what both processes hold.
+  log = (workdir / 'stdout.txt').read_text()
+  assert '(2 devices, 2 processes, global batch 64)' in log
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['checkpoint_1', 'checkpoint_2']
+  assert sorted(os.listdir(workdir / 'checkpoints-meta')) == ['checkpoint_2']
+  raw = checkpoints.restore_raw(str(workdir / 'checkpoints' / 'checkpoint_2'),
+                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  assert int(np.asarray(raw['step'])) == 4
+  np.testing.assert_allclose(run_lib.params_checksum(raw['params']), sums[0], rtol=1e-9)
+  # Only process 0 writes logs.
+  assert log.count('Training done: process 0/2') == 1 and 'process 1/2' not in log

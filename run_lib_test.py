@@ -1,0 +1,254 @@
+"""run_lib.train through the CLI (python main.py ... --mode train) on the tiny DIGITS DDPM++ config.
+
+To keep compile time small on a 2-core CPU, the tests shrink the U-Net to one resolution level
+without attention (--config.model.ch_mult="(1,)" --config.model.attn_resolutions="()") and share
+a persistent JAX compilation cache between their subprocesses, so one trained workdir (a
+module fixture) and the runs that reuse its program (resume, fine-tune, non-finite stop) compile
+once.
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import flax
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import checkpoints
+import run_lib
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG = 'configs/tiny/digits_ddpmpp.py'
+SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
+CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+
+
+def run_main(args, env_extra=None, timeout=600):
+  """python main.py ARGS in a subprocess sharing the test compilation cache."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2')
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(workdir, n_iters, order=1, freq=2, eval_freq=2, sampling=True, extra=()):
+  return [f'--config={CONFIG}', f'--workdir={workdir}', '--mode=train', *SMALL,
+          f'--config.training.score_matching_order={order}',
+          f'--config.training.n_iters={n_iters}', f'--config.training.snapshot_freq={freq}',
+          f'--config.training.snapshot_freq_for_preemption={freq}',
+          '--config.training.log_freq=1', f'--config.training.eval_freq={eval_freq}',
+          f'--config.training.snapshot_sampling={sampling}', *extra]
+
+
+def logged_losses(text, kind='training'):
+  """{step: (loss, loss1, loss2, loss3)} from the console / stdout.txt log lines."""
+  out = {}
+  pat = (rf'step: (\d+), {kind}_loss: (\S+), {kind}_loss1: (\S+), {kind}_loss2: (\S+), '
+         rf'{kind}_loss3: ([-+.\deE]+)')
+  for m in re.finditer(pat, text):
+    out[int(m.group(1))] = tuple(float(m.group(i).rstrip(',')) for i in range(2, 6))
+  return out
+
+
+def _ok(r):
+  assert r.returncode == 0, r.stderr[-4000:]
+  return r
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """Order-1 run: 4 steps, checkpoints every 2, eval every 2, logging every step."""
+  workdir = tmp_path_factory.mktemp('order1') / 'wd'
+  _ok(run_main(train_args(workdir, n_iters=4)))
+  return workdir
+
+
+def _sharding():
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _raw(step_dir):
+  return jax.tree_util.tree_map(np.asarray, checkpoints.restore_raw(str(step_dir), _sharding()))
+
+
+def test_order1_writes_checkpoints_tensorboard_samples(trained):
+  log = (trained / 'stdout.txt').read_text()
+  losses = logged_losses(log)
+  assert sorted(losses) == [1, 2, 3, 4]
+  assert all(np.isfinite(v).all() and v[2] == v[3] == 0. for v in losses.values())
+  assert sorted(logged_losses(log, 'eval')) == [2, 4]
+  assert sorted(os.listdir(trained / 'checkpoints')) == ['checkpoint_1', 'checkpoint_2']
+  assert sorted(os.listdir(trained / 'checkpoints-meta')) == ['checkpoint_2']  # latest only
+  assert int(_raw(trained / 'checkpoints' / 'checkpoint_2')['step']) == 4
+  assert int(_raw(trained / 'checkpoints' / 'checkpoint_1')['step']) == 2
+
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  from tensorboard.util import tensor_util  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(str(trained / 'tensorboard'), size_guidance={'tensors': 0})
+  acc.Reload()
+  tags = set(acc.Tags()['tensors'])
+  assert {'training_loss', 'training_loss1', 'training_loss2', 'training_loss3', 'eval_loss'} <= tags
+  tb = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors('training_loss')}
+  assert sorted(tb) == [1, 2, 3, 4]
+  np.testing.assert_allclose([tb[s] for s in range(1, 5)], [losses[s][0] for s in range(1, 5)],
+                             rtol=1e-5)
+
+  for step in (2, 4):
+    d = trained / 'samples' / f'iter_{step}'
+    png = Image.open(d / 'sample.png')
+    assert png.size == (4 * 18 + 2, 4 * 18 + 2)  # 16 samples of 16x16, 4 per row, 2 px padding
+    sample = np.load(d / 'sample.npz')['samples']
+    assert sample.shape == (16, 16, 16, 3) and np.isfinite(sample).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('order', [2, 3])
+def test_high_orders_train(tmp_path, order):
+  workdir = tmp_path / 'wd'
+  r = _ok(run_main(train_args(workdir, n_iters=1, order=order, freq=1, eval_freq=1000)))
+  losses = logged_losses((workdir / 'stdout.txt').read_text())
+  loss, l1, l2, l3 = losses[1]
+  assert np.isfinite([loss, l1, l2, l3]).all() and l2 > 0
+  assert (l3 > 0) if order == 3 else (l3 == 0)
+  np.testing.assert_allclose(loss, l1 + l2 + l3, rtol=1e-4)
+  assert os.listdir(workdir / 'checkpoints') == ['checkpoint_1']
+  assert (workdir / 'samples' / 'iter_1' / 'sample.png').exists()
+  del r
+
+
+def test_rerun_resumes_from_checkpoints_meta(trained, tmp_path):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(trained, workdir)
+  # Interrupted after the pre-emption save of step 4, before the periodic one.
+  shutil.rmtree(workdir / 'checkpoints' / 'checkpoint_2')
+  before = (workdir / 'stdout.txt').read_text()
+  r = _ok(run_main(train_args(workdir, n_iters=6, sampling=False)))
+  after = (workdir / 'stdout.txt').read_text()[len(before):]
+  meta = os.path.join(str(workdir), 'checkpoints-meta', 'checkpoint_2')
+  assert f'Resuming training from {meta} at step 4.' in after, r.stderr[-3000:]
+  assert sorted(logged_losses(after)) == [5, 6]
+  assert sorted(os.listdir(workdir / 'checkpoints-meta')) == ['checkpoint_3']
+  assert int(_raw(workdir / 'checkpoints' / 'checkpoint_3')['step']) == 6
+
+
+def test_damaged_meta_checkpoint_falls_back(trained, tmp_path):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(trained, workdir)
+  for f in glob.glob(str(workdir / 'checkpoints-meta' / 'checkpoint_2' / 'state' / '**' / 'd' / '*'),
+                     recursive=True):
+    with open(f, 'r+b') as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  _ok(run_main(train_args(workdir, n_iters=4, sampling=False)))
+  log = (workdir / 'stdout.txt').read_text()
+  bad = os.path.join(str(workdir), 'checkpoints-meta', 'checkpoint_2')
+  good = os.path.join(str(workdir), 'checkpoints', 'checkpoint_2')
+  assert re.search(rf'Checkpoint {re.escape(bad)} is corrupted or truncated .*falling back', log)
+  assert f'Resuming training from {good} at step 4.' in log
+
+
+def _write_legacy(path, params, params_ema, step, nan=False):
+  """A score_sde/score_flow State msgpack: optimizer.target, GroupNorm scale/bias (1, 1, 1, C)."""
+
+  def legacy(tree):
+    def fix(kp, v):
+      v = np.array(v)
+      if 'GroupNorm' in jax.tree_util.keystr(kp) and v.ndim == 1:
+        v = v.reshape(1, 1, 1, -1)
+      return v
+    return jax.tree_util.tree_map_with_path(fix, tree)
+
+  target = legacy(params)
+  if nan:
+    leaf = target['Conv_0']['kernel']
+    leaf[...] = np.nan
+  state = {
+    'step': np.asarray(step),
+    'optimizer': {'target': target, 'state': {'step': np.asarray(step), 'param_states': {}}},
+    'lr': np.float32(2e-4),
+    'model_state': {},
+    'ema_rate': np.float32(0.9999),
+    'params_ema': legacy(params_ema),
+    'rng': np.zeros(2, np.uint32),
+  }
+  path.write_bytes(flax.serialization.msgpack_serialize(state))
+
+
+def test_restore_from_legacy_checkpoint(trained, tmp_path):
+  src = _raw(trained / 'checkpoints' / 'checkpoint_2')
+  legacy = tmp_path / 'checkpoint_26'
+  _write_legacy(legacy, src['params'], src['params_ema'], step=int(src['step']))
+  assert flax.serialization.msgpack_restore(legacy.read_bytes())['optimizer']['target'][
+    'GroupNorm_0']['scale'].ndim == 4
+  workdir = tmp_path / 'wd'
+  _ok(run_main(train_args(workdir, n_iters=1, freq=1, eval_freq=1000, sampling=False,
+                          extra=[f'--config.training.restore_from={legacy}'])))
+  log = (workdir / 'stdout.txt').read_text()
+  n_arrays = len(jax.tree_util.tree_leaves(src['params']))
+  m = re.search(r'Fine-tuning: Loaded legacy flax msgpack (\S+) \(trained (\d+) steps\): params '
+                r'\((\d+) arrays, ([\d,]+) values\), params_ema, model_state \(0 arrays\); '
+                r'(\d+) GroupNorm arrays per tree reshaped', log)
+  assert m, log
+  assert m.group(1) == str(legacy) and int(m.group(2)) == 4 and int(m.group(3)) == n_arrays
+  n_gn = sum('GroupNorm' in jax.tree_util.keystr(kp)
+             for kp, _ in jax.tree_util.tree_flatten_with_path(src['params'])[0])
+  assert int(m.group(5)) == n_gn > 0
+  assert sorted(logged_losses(log)) == [1]  # step 0 -> 1: a fresh step count
+  out = _raw(workdir / 'checkpoints' / 'checkpoint_1')
+  assert int(out['step']) == 1
+  # The first update has lr 0 (warmup), so the params are exactly the loaded ones, and the EMA
+  # moved from the loaded EMA: ema = rate * loaded_ema + (1 - rate) * params.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, out['params'], src['params'])
+  rate = 0.99
+  jax.tree_util.tree_map(
+    lambda e, le, p: np.testing.assert_allclose(e, rate * le + (1 - rate) * p, rtol=1e-5, atol=1e-7),
+    out['params_ema'], src['params_ema'], out['params'])
+  # Fresh optimiser: Adam's step count is 1 after one update.
+  counts = [v for k, v in checkpoints.flatten(out['opt_state']).items() if k.endswith('count')]
+  assert counts and all(int(c) == 1 for c in counts)
+
+
+def test_nonfinite_stops_with_exit_3_and_no_checkpoint(trained, tmp_path):
+  src = _raw(trained / 'checkpoints' / 'checkpoint_2')
+  legacy = tmp_path / 'nan.msgpack'
+  _write_legacy(legacy, src['params'], src['params_ema'], step=4, nan=True)
+  workdir = tmp_path / 'wd'
+  r = run_main(train_args(workdir, n_iters=2, freq=1, eval_freq=1000, sampling=False,
+                          extra=[f'--config.training.restore_from={legacy}']))
+  assert r.returncode == 3, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('main.py: error: Non-finite loss at step 1 '), last
+  assert "training.nonfinite='skip'" in last
+  assert 'Non-finite loss at step 1' in (workdir / 'stdout.txt').read_text()
+  assert not os.listdir(workdir / 'checkpoints') and not os.listdir(workdir / 'checkpoints-meta')
+
+
+def test_eight_devices_same_losses(trained, tmp_path):
+  """The same global batches on 8 simulated CPU devices give the 1-device loss trajectory."""
+  workdir = tmp_path / 'wd'
+  _ok(run_main(train_args(workdir, n_iters=3, eval_freq=1000, sampling=False),
+               env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}))
+  log8 = (workdir / 'stdout.txt').read_text()
+  assert '(8 devices, 1 process' in log8
+  one = logged_losses((trained / 'stdout.txt').read_text())
+  eight = logged_losses(log8)
+  assert sorted(eight) == [1, 2, 3]
+  for s in (1, 2, 3):
+    np.testing.assert_allclose(eight[s], one[s], rtol=1e-4, atol=1e-7)
+
+
+def test_save_samples_grid(tmp_path):
+  x = np.random.default_rng(0).uniform(size=(5, 3, 4, 1))
+  run_lib.save_samples(x, str(tmp_path))
+  png = np.asarray(Image.open(tmp_path / 'sample.png'))
+  # 5 images, 2 per row -> 3 rows; 2 px padding; grey images become RGB.
+  assert png.shape == (3 * (3 + 2) + 2, 2 * (4 + 2) + 2, 3)
+  np.testing.assert_array_equal(png[2:5, 2:6, 0], np.clip(x[0, ..., 0] * 255 + .5, 0, 255).astype(np.uint8))
+  np.testing.assert_allclose(np.load(tmp_path / 'sample.npz')['samples'], x)
