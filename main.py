@@ -133,6 +133,15 @@ def _setup_file_logging(directory):
   logger.setLevel('INFO')
 
 
+def _trace_to_file():
+  """The traceback of the exception being handled, into stdout.txt only (stderr keeps one line)."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  for h in logging.getLogger().handlers:
+    if isinstance(h, logging.StreamHandler) and getattr(h.stream, 'name', '').endswith('stdout.txt'):
+      h.stream.write(traceback.format_exc())
+      h.flush()
+
+
 def main(argv):
   del argv
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -184,6 +193,7 @@ def main(argv):
     logging.error('%s', e)
     fail(e, EXIT_NONFINITE)
   except (ValueError, FileNotFoundError) as e:
+    _trace_to_file()
     fail(e)
   except NotImplementedError as e:
     fail(f'mode {FLAGS.mode}: {e}', 1)

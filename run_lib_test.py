@@ -6,6 +6,7 @@ a persistent JAX compilation cache between their subprocesses, so one trained wo
 module fixture) and the runs that reuse its program (resume, fine-tune, non-finite stop) compile
 once.
 """
+import fcntl
 import glob
 import os
 import re
@@ -65,9 +66,27 @@ def _ok(r):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """Order-1 run: 4 steps, checkpoints every 2, eval every 2, logging every step."""
-  workdir = tmp_path_factory.mktemp('order1') / 'wd'
-  _ok(run_main(train_args(workdir, n_iters=4)))
+  """Order-1 run: 4 steps, checkpoints every 2, eval every 2, logging every step.
+
+  Run once per pytest session even under pytest-xdist: workers share the session's temp root
+  and the first one to take the lock trains; the others wait and reuse the workdir (read-only;
+  tests that write copy it first)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  shared = root / 'run_lib_test_order1'
+  shared.mkdir(exist_ok=True)
+  workdir = shared / 'wd'
+  with open(shared / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (shared / 'done').exists():
+        if workdir.exists():
+          shutil.rmtree(workdir)
+        _ok(run_main(train_args(workdir, n_iters=4)))
+        (shared / 'done').touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return workdir
 
 
