@@ -75,10 +75,11 @@ def check_within_mc_error(est, target, dim, max_se_bits):
   assert np.all(np.abs(mean - target) < 4 * se), (mean, target, se)
 
 
-@pytest.mark.parametrize('sde_name', list(SDES))
-@pytest.mark.parametrize('dsm', [True, False], ids=['dsm', 'ssm'])
-@pytest.mark.parametrize('case', ['d2', 'image'])
+@pytest.mark.parametrize('sde_name,dsm,case', [
+  ('vp', True, 'd2'), ('vp', False, 'image'), ('subvp', True, 'image'),
+  ('subvp', False, 'd3_full'), ('ve', True, 'd2'), ('ve', False, 'image')])
 def test_bound_is_tight_for_the_exact_score(sde_name, dsm, case):
+  """DSM and SSM forms (SSM: Hutchinson divergence of the score, non-diagonal for d3_full)."""
   data = DATA[case]
   sde = SDES[sde_name]()
   est, x = run_bound(data, sde, dsm=dsm, N=128, eps=1e-5)
