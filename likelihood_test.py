@@ -5,7 +5,8 @@ p_t = N(a_t MU, a_t^2 COV + b_t^2 I) (a_t, b_t the mean coefficient and std of t
 VP, sub-VP and VE, with score -(a_t^2 COV + b_t^2 I)^{-1} (x - a_t MU). Along each eigenvector of
 COV the probability-flow map is affine, u_T = sqrt(v_T / v_eps) u_eps with v_t = a_t^2 lam + b_t^2,
 so the model density integrated from eps is exactly
-  log p(x) = log prior(z) + 1/2 sum log(v_T / v_eps),  z = a_T MU + V diag(sqrt(v_T/v_eps)) V^T (x - a_eps MU).
+  log p(x) = log prior(z) + 1/2 sum log(v_T / v_eps),
+  z = a_T MU + V diag(sqrt(v_T / v_eps)) V^T (x - a_eps MU).
 This target accounts for both the eps smoothing (v_eps = lam + b_eps^2, not lam) and the small
 mismatch between p_T and the prior, so no tolerance has to absorb them.
 """

@@ -24,7 +24,8 @@ scipy's 1322 here), so its NFE is not comparable with the originals'; ours repro
 step sequence and `nfev` exactly. The stage loop is a `fori_loop`, so `fn` is traced twice
 (initial probes, one stage body) instead of 7 times: unrolling the stages saves ~20-30% of the
 solver's own per-step cost on tiny states but multiplies the compile time of a big score
-network by ~3 (fn a 400-layer MLP: 1.8 s rolled, 5.2 s unrolled). Not reverse-mode differentiable (evaluation only).
+network by ~3 (fn a 400-layer MLP: 1.8 s rolled, 5.2 s unrolled). Not reverse-mode
+differentiable (evaluation only).
 
 API (stable: sampling.py and likelihood.py build on it):
   solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_ts=None,
@@ -257,9 +258,10 @@ def _benchmark(batch=256, t1=200., tol=1e-6):
     return info['n_accepted'] + info['n_rejected']
 
   def theirs(y0):
+    controller = diffrax.PIDController(rtol=tol, atol=tol)
     sol = diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, _: fn(t, y)), diffrax.Dopri5(), 0., t1,
-                              None, y0, stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-                              max_steps=100000, saveat=diffrax.SaveAt(t1=True))
+                              None, y0, stepsize_controller=controller, max_steps=100000,
+                              saveat=diffrax.SaveAt(t1=True))
     return sol.stats['num_steps']
 
   for name, f in (('ode_solver', ours), ('diffrax', theirs)):
