@@ -174,7 +174,7 @@ class AncestralSamplingPredictor(Predictor):
 class NonePredictor(Predictor):
   """No predictor (corrector-only sampler)."""
 
-  def __init__(self, sde, score_fn, probability_flow=False):  # pylint: disable=super-init-not-called
+  def __init__(self, sde, score_fn, probability_flow=False):  # pylint: disable=W0231
     pass
 
   def update_fn(self, rng, x, t):
@@ -231,7 +231,7 @@ class AnnealedLangevinDynamics(LangevinCorrector):
 class NoneCorrector(Corrector):
   """No corrector (predictor-only sampler)."""
 
-  def __init__(self, sde, score_fn, snr, n_steps):  # pylint: disable=super-init-not-called
+  def __init__(self, sde, score_fn, snr, n_steps):  # pylint: disable=W0231
     pass
 
   def update_fn(self, rng, x, t):

@@ -1,7 +1,5 @@
 """Samplers against independent truth: Gaussian data N(MU, S^2 I) in 2-D, whose perturbed marginal
 p_t = N(m(t) MU, (m(t)^2 S^2 + std(t)^2) I) and score are known exactly for VP, sub-VP and VE."""
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,28 +175,34 @@ def test_unsupported_combinations_raise():
         jax.random.PRNGKey(0), 'not a score')
 
 
-@pytest.mark.parametrize('sde_name,continuous', [
-    ('vpsde', False), pytest.param('vesde', True, marks=pytest.mark.slow)])
-def test_model_sampling_fn_matches_plain_score_route(sde_name, continuous):
-  """get_sampling_fn(rng, params, state) == the plain-score sampler on get_score_fn's score."""
+@pytest.mark.parametrize('sde_name,continuous,method', [
+    ('vpsde', False, 'pc'), ('vpsde', False, 'ode'),
+    pytest.param('vesde', True, 'pc', marks=pytest.mark.slow)])
+def test_model_sampling_fn_matches_plain_score_route(sde_name, continuous, method):
+  """get_sampling_fn(rng, params, state) == the plain-score sampler on get_score_fn's score
+  (the ODE labels a discrete VP model as continuous, as score_sde)."""
   from configs.toy.common import get_toy_config  # pylint: disable=import-outside-toplevel
   from models import mlp  # pylint: disable=import-outside-toplevel,unused-import
   from models import utils as mutils  # pylint: disable=import-outside-toplevel
   config = get_toy_config('CHECKERBOARD', 2, sde=sde_name)
   config.training.continuous = continuous
   config.model.encoder_layers, config.model.decoder_layers = (16,), (16,)
-  config.model.temb_dim, config.model.num_scales = 8, 20
-  config.sampling.method, config.sampling.predictor = 'pc', 'reverse_diffusion'
+  config.model.temb_dim, config.model.num_scales = 8, 50  # VP: N > beta_max
+  config.sampling.method, config.sampling.predictor = method, 'reverse_diffusion'
+  config.sampling.smallest_time = 1e-3
   sde, eps = sde_lib.get_sde(config)
   model, states, params = mutils.init_model(jax.random.PRNGKey(0), config)
   shape = (16, 2)
   rng = jax.random.PRNGKey(5)
   x, nfe = sampling.get_sampling_fn(config, sde, model, shape, lambda x: 2 * x, eps)(
       rng, params, states)
-  score_fn = mutils.get_score_fn(sde, model, params, states, continuous=continuous)
+  score_fn = mutils.get_score_fn(sde, model, params, states,
+                                 continuous=continuous or method == 'ode')
   x_ref, nfe_ref = sampling.get_score_sampling_fn(config, sde, shape, lambda x: 2 * x, eps)(
       rng, score_fn)
-  assert x.shape == shape and int(nfe) == int(nfe_ref) == 2 * 20
+  assert x.shape == shape and np.all(np.isfinite(x)) and int(nfe) == int(nfe_ref)
+  if method == 'pc':
+    assert int(nfe) == 2 * 50
   np.testing.assert_allclose(x, x_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -230,9 +234,7 @@ def test_batch_sharded_over_two_devices_matches_one():
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
 
 
-needs_ode_solver = pytest.mark.skipif(importlib.util.find_spec('ode_solver') is None,
-                                      reason='ode_solver.py is not there yet')
-TOL = 1e-6  # ODE tolerances: at 1e-5 the global error of the VP flow reaches ~2e-2 S
+TOL = 1e-5  # ODE tolerances (the config default): global errors ~5e-5 S, tested to 1e-3
 
 
 def analytic_flow(sde, z, t_from, t_to):
@@ -243,7 +245,6 @@ def analytic_flow(sde, z, t_from, t_to):
   return m1 + jnp.sqrt(v1 / v0) * (z - m0)
 
 
-@needs_ode_solver
 @pytest.mark.parametrize('name', list(SDES))
 def test_ode_sampler_is_the_exact_gaussian_flow(name):
   """From a prior sample z the ODE sampler lands on the analytic flow of z (hence N(MU, S^2 I)),
@@ -255,15 +256,15 @@ def test_ode_sampler_is_the_exact_gaussian_flow(name):
   score_fn = gaussian_score(sde)
   x, nfe = sampler(jax.random.PRNGKey(0), score_fn)
   z = sde.prior_sampling(jax.random.split(jax.random.PRNGKey(0))[1], (B, 2))
-  np.testing.assert_allclose(x, analytic_flow(sde, z, sde.T, eps), atol=1e-2 * S)
+  np.testing.assert_allclose(x, analytic_flow(sde, z, sde.T, eps), atol=1e-3 * S)
   mean_err, cov_err = moment_errors(x)
   assert mean_err < MEAN_TOL and cov_err < COV_TOL, (mean_err, cov_err)
   assert 10 < int(nfe) < 2000
-  x_again, _ = sampler(jax.random.PRNGKey(123), score_fn, z)
-  np.testing.assert_array_equal(x_again, x)
+  x_z, _ = sampler(jax.random.PRNGKey(123), score_fn, z)
+  np.testing.assert_array_equal(sampler(jax.random.PRNGKey(7), score_fn, z)[0], x_z)
+  np.testing.assert_allclose(x_z, x, rtol=1e-5, atol=1e-6)  # another program: ulp differences
 
 
-@needs_ode_solver
 @pytest.mark.parametrize('name', ['vp', 've'])
 def test_ode_encoder_inverts_the_sampler(name):
   sde = SDES[name]()
@@ -281,10 +282,9 @@ def test_ode_encoder_inverts_the_sampler(name):
   z = sde.prior_sampling(jax.random.PRNGKey(4), shape)
   x, z_back = roundtrip(z)
   assert float(jnp.max(jnp.abs(x - z))) > 0.1 * S  # the flow moved the points
-  np.testing.assert_allclose(z_back, z, atol=1e-2 * sde.prior_std())
+  np.testing.assert_allclose(z_back, z, atol=1e-3 * sde.prior_std())
 
 
-@needs_ode_solver
 def test_ode_denoise_and_config_route():
   """config.sampling.method = 'ode' builds the ODE sampler; noise_removal adds one score call
   that moves x by std(eps)^2 * score (VE: the reverse-diffusion step to sigma = 0)."""
