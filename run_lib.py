@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import checkpoints
@@ -275,6 +276,8 @@ def train(config, workdir):
                  initial_step, jax.device_count(), jax.process_count(), t.batch_size)
   step = initial_step
   tic = time.time()
+  progress = tqdm.tqdm(total=num_train_steps, initial=initial_step, desc='train', unit='step',
+                       disable=not is_main or not t.get('progress_bar', True), leave=False)
   while step < num_train_steps:
     batch = global_batch(host_batch(train_iter, scaler), mesh)
     state, metrics = p_train_step(state, batch)
@@ -287,6 +290,7 @@ def train(config, workdir):
         'saving this state. Resume from the last checkpoint with a lower optim.lr or '
         "optim.grad_clip, or set training.nonfinite='skip' to skip such steps.")
     step += n_jit
+    progress.update(n_jit)
 
     if step % t.log_freq == 0 or step == initial_step + n_jit:
       m = _mean_metrics(metrics)
@@ -322,6 +326,7 @@ def train(config, workdir):
   # Every process logs what it holds, so multi-host runs can be checked for agreement.
   logging.info('Training done: process %d/%d at step %d, params checksum %.10e.',
                jax.process_index(), jax.process_count(), step, params_checksum(state.params))
+  progress.close()
   ckpt_dir.close()
   meta_dir.close()
   writer.close()

@@ -48,7 +48,7 @@ def get_toy_config(dataset, dim, sde='vesde'):
 
   model = config.model
   model.name = 'mlp'
-  model.scale_by_sigma = sde.startswith('vesde')
+  model.scale_by_sigma = sde == 'vesde'  # the linear VE and VP nets predict the noise
   model.encoder_layers = (128, 128)
   model.temb_dim = 64
   model.decoder_layers = (512, 512)
