@@ -79,6 +79,14 @@ def get_base_config():
   deq.dropout = 0.0
   deq.offset = True
   deq.model = 'cifar10'  # NEW: Flow++ variant: 'cifar10', 'imagenet32', 'imagenet64' or 'tiny'
+  # NEW: the dequantizer's Adam (score_flow reused config.optim: lr 2e-4, warmup 5000, clip 1 in
+  # every config; beta1, eps and weight decay still come from config.optim).
+  deq.lr = 2e-4
+  deq.warmup = 5000
+  deq.grad_clip = 1.
+  # NEW: checkpoint_N of workdir/checkpoints whose EMA score model the dequantizer is trained
+  # for (score_flow used eval.ckpt_id); 0 = the newest.
+  deq.score_ckpt = 0
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'
