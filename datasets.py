@@ -493,7 +493,8 @@ def _tfds_route(config):
 
 # ------------------------------------------------------------------------------------------------
 
-def get_dataset(config, additional_dim=None, uniform_dequantization=False, evaluation=False):
+def get_dataset(config, additional_dim=None, uniform_dequantization=False, evaluation=False,
+                shuffle=True):
   """Create the training and evaluation pipelines.
 
   Args:
@@ -502,6 +503,8 @@ def get_dataset(config, additional_dim=None, uniform_dequantization=False, evalu
     additional_dim: if given, batches get a leading axis of this size (steps jitted together).
     uniform_dequantization: add U[0, 1) noise to 8-bit images: (x * 255 + u) / 256.
     evaluation: use config.eval.batch_size, no random flips, and one epoch (finite datasets).
+    shuffle: shuffle files and examples (as score_sde); False gives the split in its stored
+      order, the same batches on every run (run_lib.evaluate resumes batch by batch).
 
   Returns:
     (train_ds, eval_ds, dataset_builder); dataset_builder is the TFDS builder, or None for data
@@ -582,9 +585,10 @@ def get_dataset(config, additional_dim=None, uniform_dequantization=False, evalu
     return {'image': img, 'label': label}
 
   def create_dataset(split):
-    ds = source(split, True)
+    ds = source(split, shuffle)
     ds = ds.repeat(count=num_epochs)
-    ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
+    if shuffle:
+      ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
     ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
     for size in reversed(batch_dims):
       ds = ds.batch(size, drop_remainder=True)
