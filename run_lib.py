@@ -206,6 +206,24 @@ def save_samples(sample, directory):
 # Training
 # ------------------------------------------------------------------------------------------------
 
+def resume_data(config, train_ds, eval_ds, step):
+  """Iterators over train_ds / eval_ds where a run that trained `step` steps left them.
+
+  The toy and in-memory (DIGITS, NPZ) streams are deterministic given config.seed, so skipping
+  the batches already consumed makes a resumed run see the batches of an uninterrupted one (its
+  parameters are then bitwise equal on CPU). TFDS and local-ImageNet streams restart, as in
+  score_sde: skipping would decode every example seen so far.
+  """
+  import datasets  # pylint: disable=import-outside-toplevel
+  t = config.training
+  if step and config.data.dataset in datasets.TOY_DATASETS + datasets.LOCAL_DATASETS:
+    logging.info('Resuming the data streams: skipping %d training and %d evaluation batches.',
+                 step // t.n_jitted_steps, step // t.eval_freq)
+    train_ds = train_ds.skip(step // t.n_jitted_steps)
+    eval_ds = eval_ds.skip(step // t.eval_freq)
+  return iter(train_ds), iter(eval_ds)
+
+
 def train(config, workdir):
   """Runs the training pipeline; resumes from workdir's latest good checkpoint if any.
 
@@ -233,7 +251,6 @@ def train(config, workdir):
   train_ds, eval_ds, _ = datasets.get_dataset(
     config, additional_dim=t.n_jitted_steps,
     uniform_dequantization=config.data.uniform_dequantization)
-  train_iter, eval_iter = iter(train_ds), iter(eval_ds)
   scaler = datasets.get_data_scaler(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config)
 
@@ -257,6 +274,8 @@ def train(config, workdir):
     state = replicate(fresh, mesh)
     logging.info('Fine-tuning: %s', report)
   initial_step = int(checkpoints.to_host(state.step))
+  train_iter, eval_iter = resume_data(config, train_ds, eval_ds,
+                                      initial_step if restored_from is not None else 0)
 
   train_step_fn, eval_step_fn = get_step_fns(config, sde, model, tx)
   p_train_step = get_multi_step_fn(train_step_fn, mesh)
