@@ -44,6 +44,44 @@ def _known_datasets():
   return sorted(ns['KNOWN_DATASETS']) if ns.get('KNOWN_DATASETS') else None
 
 
+def check_sampler(config):
+  """ValueError (one line) for an unknown sampler / predictor / corrector name or combination in
+  config.sampling; builds the sampler's Python objects only (nothing is traced or compiled)."""
+  import sampling  # pylint: disable=import-outside-toplevel
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  sde, eps = sde_lib.get_sde(config)
+  sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
+
+
+def check_tfds_available(config):
+  """ValueError naming `tfds build` / --config.data.tfds_dir (and manual_dir where the dataset
+  needs it) when a TFDS dataset is not prepared offline; imports TensorFlow (seconds) only for
+  TFDS datasets, which need it anyway."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  name = config.data.dataset
+  if name not in ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet') or (
+      name == 'ImageNet' and config.data.get('path', '')):
+    return
+  if 'datasets' not in sys.modules:
+    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) would bury the one-line error.
+    err = os.dup(2)
+    try:
+      with open(os.devnull, 'w') as null:
+        os.dup2(null.fileno(), 2)
+        import datasets  # pylint: disable=import-outside-toplevel,unused-import
+    finally:
+      os.dup2(err, 2)
+      os.close(err)
+  import datasets  # pylint: disable=import-outside-toplevel
+  tfds_name = datasets._tfds_route(config)[0]  # pylint: disable=protected-access
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about the empty folders it probes
+  try:
+    datasets._tfds_builder(tfds_name, config)  # pylint: disable=protected-access
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 def validate_config(config, mode='train', workdir=None):
   """Raise ValueError / FileNotFoundError (one line: problem and fix) for a config that cannot
   run. Cheap: builds no model, reads no data; needs the JAX backend only for the device count."""
@@ -113,6 +151,10 @@ def validate_config(config, mode='train', workdir=None):
   if dsets is not None and config.data.dataset not in dsets:
     raise ValueError(f"Unknown dataset '{config.data.dataset}': set --config.data.dataset to one "
                      f"of {', '.join(dsets)}.")
+  if mode == 'train':
+    if t.snapshot_sampling:
+      check_sampler(config)
+    check_tfds_available(config)
   if config.data.dataset.upper() == 'NPZ' and not os.path.isfile(config.data.path or ''):
     raise FileNotFoundError(f"data.path '{config.data.path}' is not a file: set "
                             '--config.data.path to the .npz file of the NPZ dataset.')
