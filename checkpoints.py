@@ -5,16 +5,21 @@ workdir/checkpoints-meta/checkpoint_N  pre-emption snapshots, N = step // snapsh
                                        latest only
 
 Each checkpoint_N holds two orbax items: `state` (the TrainState as a nested dict of arrays) and
-`meta` (JSON: the training step). Orbax writes into a temporary directory and renames it when
-complete, so a crash never leaves a half-written checkpoint_N; a checkpoint damaged afterwards is
-skipped on restore (with a log line naming it) in favour of the previous good one.
+`meta` (JSON: the training step and a CRC32 of every array). Orbax writes into a temporary
+directory and renames it when complete, so a crash never leaves a half-written checkpoint_N (the
+stale temporary directories of killed saves are removed when the directory is next opened for
+writing). A checkpoint damaged afterwards (unreadable, truncated, or arrays whose bytes no longer
+match the CRC32: orbax itself restores garbled bytes silently) is skipped on restore, with a log
+line naming it, in favour of the previous good one.
 
 Also imports legacy flax-msgpack checkpoints of score_sde / score_flow / mle_score_ode (a State
 whose `optimizer.target` holds the params) for fine-tuning.
 """
+import json
 import logging
 import os
 import re
+import zlib
 
 import flax
 import jax
@@ -85,6 +90,24 @@ def to_host(x):
   return np.asarray(x)
 
 
+def tree_crc32(tree):
+  """CRC32 over the paths, dtypes, shapes and bytes of every array of a nested dict (host copy)."""
+  crc = 0
+  for path, leaf in sorted(flatten(tree).items()):
+    x = np.ascontiguousarray(to_host(leaf))
+    crc = zlib.crc32(f'{path}:{x.dtype.str}:{x.shape};'.encode(), crc)
+    crc = zlib.crc32(x.view(np.uint8).reshape(-1) if x.size else b'', crc)
+  return crc
+
+
+def _check_crc(tree, meta, path):
+  """ValueError if `tree` does not match the CRC32 saved in `meta` (absent in old checkpoints)."""
+  want = (meta or {}).get('crc32')
+  if want is not None and tree_crc32(tree) != int(want):
+    raise ValueError(f'Checkpoint {path} is corrupted: its arrays do not match the CRC32 stored '
+                     'when it was written (bytes changed on disk).')
+
+
 def checkpoint_number(path):
   """N from a path ending in checkpoint_N, else None."""
   m = _NAME_RE.match(os.path.basename(os.path.normpath(str(path))))
@@ -104,7 +127,7 @@ class CheckpointDir:
     self.latest_only = latest_only
     options = ocp.CheckpointManagerOptions(
       step_prefix=PREFIX, create=create, enable_async_checkpointing=False,
-      read_only=not create)
+      read_only=not create, cleanup_tmp_directories=create)
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def numbers(self):
@@ -119,11 +142,12 @@ class CheckpointDir:
     """Write checkpoint_<number> atomically; replaces an existing one with that number (as the
     original's overwrite=True); with latest_only, removes every other checkpoint afterwards."""
     step = int(to_host(state.step)) if hasattr(state, 'step') else None
+    tree = to_tree(state)
+    meta = {'step': step, 'format': FORMAT, 'crc32': tree_crc32(tree)}
     if number in self.numbers():
       self._mgr.delete(number)
     self._mgr.save(number, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(to_tree(state)),
-      meta=ocp.args.JsonSave({'step': step, 'format': FORMAT})))
+      state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     self._mgr.wait_until_finished()
     if self.latest_only:
       for n in self.numbers():
@@ -137,10 +161,12 @@ class CheckpointDir:
     return int(meta['step'])
 
   def restore(self, number, target):
-    """checkpoint_<number> restored into the structure, dtypes and shardings of `target`."""
-    tree = self._mgr.restore(number, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(to_tree(target)))))['state']
-    return from_tree(target, tree)
+    """checkpoint_<number> restored into the structure, dtypes and shardings of `target`;
+    ValueError if its arrays do not match the CRC32 stored at save time."""
+    out = self._mgr.restore(number, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(to_tree(target))), meta=ocp.args.JsonRestore()))
+    _check_crc(out['state'], out['meta'], self.path(number))
+    return from_tree(target, out['state'])
 
   def close(self):
     self._mgr.close()
@@ -148,15 +174,18 @@ class CheckpointDir:
 
 def restore_latest(ckpt_dirs, target):
   """Restore the newest good checkpoint among `ckpt_dirs` (by training step; earlier dirs win
-  ties). A damaged one is logged and skipped. Returns (state, path) or (target, None) if none."""
-  candidates = []
+  ties). A damaged one is logged and skipped. Returns (state, path), or (target, None) if there
+  is no checkpoint; ValueError if there are some but none is readable (starting afresh would
+  overwrite them)."""
+  candidates, damaged = [], []
   for rank, d in enumerate(ckpt_dirs):
     for n in d.numbers():
       try:
         step = d.training_step(n)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint %s is unreadable (%s: %s); skipping it.', d.path(n),
-                        type(e).__name__, _short(e))
+        logging.error('Checkpoint %s is unreadable (%s: %s); falling back to the previous one.',
+                      d.path(n), type(e).__name__, _short(e))
+        damaged.append(d.path(n))
         continue
       candidates.append((step, -rank, n, d))
   candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)
@@ -166,8 +195,12 @@ def restore_latest(ckpt_dirs, target):
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Checkpoint %s is corrupted or truncated (%s: %s); falling back to the '
                     'previous one.', d.path(n), type(e).__name__, _short(e))
+      damaged.append(d.path(n))
       continue
     return state, d.path(n)
+  if damaged:
+    raise ValueError(f'No readable checkpoint: {", ".join(damaged)} are damaged (see the log): '
+                     'restore them from a copy, or move them out of the workdir to start afresh.')
   return target, None
 
 
@@ -218,7 +251,8 @@ def _step_dirs(directory):
 
 
 def restore_raw(step_dir, sharding):
-  """Our checkpoint_N as a nested dict (structure from its own metadata), arrays on `sharding`."""
+  """Our checkpoint_N as a nested dict (structure from its own metadata), arrays on `sharding`;
+  ValueError if its arrays do not match the CRC32 in its meta item."""
   ckptr = ocp.StandardCheckpointer()
   item_dir = os.path.join(os.path.abspath(step_dir), 'state')
   meta = ckptr.metadata(item_dir)
@@ -226,7 +260,12 @@ def restore_raw(step_dir, sharding):
   meta = getattr(meta, 'tree', meta)
   abstract = jax.tree_util.tree_map(
     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-  return ckptr.restore(item_dir, abstract)
+  tree = ckptr.restore(item_dir, abstract)
+  meta_file = os.path.join(os.path.abspath(step_dir), 'meta', 'metadata')
+  if os.path.isfile(meta_file):
+    with open(meta_file) as f:
+      _check_crc(tree, json.load(f), step_dir)
+  return tree
 
 
 def load_weights(path, target_state, sharding):
