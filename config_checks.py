@@ -49,8 +49,18 @@ def check_sampler(config):
   config.sampling; builds the sampler's Python objects only (nothing is traced or compiled)."""
   import sampling  # pylint: disable=import-outside-toplevel
   import sde_lib  # pylint: disable=import-outside-toplevel
-  sde, eps = sde_lib.get_sde(config)
-  sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
+
+  def build():
+    sde, eps = sde_lib.get_sde(config)
+    sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
+
+  abstractly(build)
+
+
+def abstractly(fn):
+  """Run fn() under jax.eval_shape: the jnp arithmetic of SDE / sampler constructors is traced,
+  never compiled (eager jnp ops would each compile a kernel); Python errors propagate."""
+  jax.eval_shape(lambda: (fn(), None)[1])
 
 
 def check_tfds_available(config):
@@ -95,7 +105,7 @@ def validate_config(config, mode='train', workdir=None):
       raise FileNotFoundError(f"--workdir '{workdir}' does not exist: mode {mode} needs the "
                               'working directory of a training run.')
   t = config.training
-  sde_lib.get_sde(config)  # unknown SDE -> ValueError
+  abstractly(lambda: sde_lib.get_sde(config))  # unknown SDE -> ValueError
 
   order = t.score_matching_order
   if order not in (1, 2, 3):
