@@ -309,3 +309,60 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
 # ----------------------------------------------------------------------------------------------
 # Variational dequantization (score_flow): get_dequantization_loss_fn goes here (another task).
 # ----------------------------------------------------------------------------------------------
+
+
+def dequantization_losses(rng, score_fn, dequantizer, data, sde, scaler, inverse_scaler,
+                          importance_weighting=True, eps=1e-5, offset=True):
+  """Per-example (losses in nats, bits/dim) of score_flow's dequantizer objective.
+
+  data: the scaled 8-bit batch (B, ...). dequantizer(u, x, rng) -> (noise in (0, 1), sldj) as
+  models.flowpp.get_dequantizer (log q(noise | x) = log N(u) - sldj). With x = inverse_scaler(data)
+  = k / 255 and y = scaler((255 x + noise) / 256) (noise inside bin k),
+
+    loss = bound(y) + log q(noise | x),
+
+  bound = bound_likelihood.likelihood_bound with one time sample (prior term, importance-weighted
+  DSM integrand minus the drift divergence, eps offset), an upper bound on -log p(y). Its
+  expectation over q bounds -log P(x) - D log(256 / scale), so
+  bits/dim = loss / (D ln 2) + log2(d inverse_scaler / dx) + 8 (as the original).
+  score_flow drew the drift-divergence time uniformly and apart from the DSM time; here one
+  (importance-sampled) time serves both: the same expectation.
+  """
+  import bound_likelihood  # pylint: disable=import-outside-toplevel
+  from likelihood import nll_to_bpd  # pylint: disable=import-outside-toplevel
+  from models.flowpp import log_q  # pylint: disable=import-outside-toplevel
+  u_rng, deq_rng, bound_rng = jax.random.split(rng, 3)
+  x = inverse_scaler(data)
+  u = jax.random.normal(u_rng, data.shape, data.dtype)
+  noise, sldj = dequantizer(u, x, rng=deq_rng)
+  y = scaler((x * 255. + noise) / 256.)
+  nll = bound_likelihood.likelihood_bound(bound_rng, score_fn, y, sde, dsm=True, eps=eps,
+                                          importance_weighting=importance_weighting,
+                                          offset=offset, N=1)
+  losses = nll + log_q(u, sldj)
+  return losses, nll_to_bpd(losses, data.shape, inverse_scaler)
+
+
+def get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scaler, train=True,
+                               importance_weighting=True, eps=1e-5, offset=True):
+  """loss_fn(rng, deq_params, score_params, score_state, batch) -> (loss, bpd).
+
+  score_flow's get_dequantization_loss_fn: the mean over the batch of dequantization_losses
+  (nats per example, the quantity differentiated) and its mean bits/dim. The score model
+  (score_model with score_params / score_state, eval mode, continuous time) is held fixed; the
+  caller differentiates with respect to deq_params (argnums=1) only. Dropout of the dequantizer
+  (config.deq.dropout) acts when train is True.
+  """
+  from models import flowpp  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+
+  def loss_fn(rng, deq_params, score_params, score_state, batch):
+    score_fn = mutils.get_score_fn(sde, score_model, score_params, score_state, train=False,
+                                   continuous=True)
+    dequantizer = flowpp.get_dequantizer(deq_model, deq_params, train=train)
+    losses, bpd = dequantization_losses(
+      rng, score_fn, dequantizer, batch['image'], sde, scaler, inverse_scaler,
+      importance_weighting=importance_weighting, eps=eps, offset=offset)
+    return jnp.mean(losses), jnp.mean(bpd)
+
+  return loss_fn
