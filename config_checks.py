@@ -2,6 +2,7 @@
 one line naming the problem and the fix, before JAX compiles anything or a file is written."""
 import ast
 import os
+import re
 import sys
 
 import jax
@@ -172,3 +173,116 @@ def validate_config(config, mode='train', workdir=None):
   if mode == 'train' and t.restore_from:
     import checkpoints  # pylint: disable=import-outside-toplevel
     checkpoints.check_readable(t.restore_from)
+  if mode == 'eval':
+    validate_eval(config, workdir)
+  if mode == 'fid_stats':
+    validate_fid_stats(config)
+
+
+def _is_toy(config):
+  return config.data.dataset in ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
+
+
+def stats_path(config):
+  """evaluation.stats_path(config), taken from evaluation.py's source so that a check needs no
+  TensorFlow import (seconds, and C++ log lines on stderr before the one-line error)."""
+  if 'evaluation' in sys.modules:
+    return sys.modules['evaluation'].stats_path(config)
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluation.py')
+  tree = ast.parse(open(path).read())
+  funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+           and n.name in ('stats_filename', 'stats_path')]
+  ns = {'os': os}
+  exec(compile(ast.Module(funcs, []), path, 'exec'), ns)  # pylint: disable=exec-used
+  return ns['stats_path'](config)
+
+
+def _check_inception_handle(config):
+  handle = str(config.eval.inception_handle)
+  if '://' not in handle and not os.path.isdir(handle):
+    raise ValueError(f"Inception module directory '{handle}' does not exist: pass the local "
+                     'SavedModel directory of tfgan/eval/inception/1 (or its TF-Hub URL) with '
+                     '--config.eval.inception_handle.')
+
+
+def checkpoint_path(workdir, number):
+  """workdir/checkpoints/checkpoint_N as run_lib.train writes it (a complete orbax dir)."""
+  return os.path.join(workdir, 'checkpoints', f'checkpoint_{number}')
+
+
+def validate_eval(config, workdir=None):
+  """Checks of config.eval (and config.sampling when sampling) for --mode eval: names, sizes, the
+  checkpoints and the Inception stats file, before anything is built or written."""
+  e = config.eval
+  if str(e.bpd_dataset).lower() not in ('train', 'test'):
+    raise ValueError(f"eval.bpd_dataset is '{e.bpd_dataset}': set --config.eval.bpd_dataset to "
+                     "'train' or 'test'.")
+  for name in ('num_repeats', 'begin_ckpt'):
+    if getattr(e, name) < 1:
+      raise ValueError(f'eval.{name} is {getattr(e, name)}: set --config.eval.{name} to 1 or more.')
+  if e.end_ckpt < e.begin_ckpt:
+    raise ValueError(f'eval.end_ckpt={e.end_ckpt} is below eval.begin_ckpt={e.begin_ckpt}: set '
+                     '--config.eval.end_ckpt >= --config.eval.begin_ckpt.')
+  if e.num_bpd_batches < 0:
+    raise ValueError(f'eval.num_bpd_batches is {e.num_bpd_batches}: set it to 0 (whole split) or '
+                     'a positive number of batches.')
+  if str(e.likelihood_solver).lower() not in ('jax', 'scipy'):
+    raise ValueError(f"Unknown likelihood solver '{e.likelihood_solver}': set "
+                     "--config.eval.likelihood_solver to 'jax' or 'scipy'.")
+  if str(e.likelihood_solver).lower() == 'scipy' and jax.process_count() > 1:
+    raise ValueError("eval.likelihood_solver='scipy' runs on one host: use 'jax' for a "
+                     'multi-process evaluation.')
+  if e.hutchinson_type not in ('Rademacher', 'Gaussian'):
+    raise ValueError(f"eval.hutchinson_type is '{e.hutchinson_type}': set it to 'Rademacher' or "
+                     "'Gaussian'.")
+  if e.enable_bpd and e.bound and e.bound_num_times < 1:
+    raise ValueError(f'eval.bound_num_times is {e.bound_num_times}: set it to 1 or more.')
+  if e.enable_sampling:
+    if _is_toy(config):
+      raise ValueError(f'IS/FID/KID need images, {config.data.dataset} is flat toy data: set '
+                       '--config.eval.enable_sampling=False.')
+    if e.num_samples < 2:
+      raise ValueError(f'eval.num_samples is {e.num_samples}: KID needs at least 2 samples; set '
+                       '--config.eval.num_samples to 2 or more.')
+    import sampling  # pylint: disable=import-outside-toplevel
+    import sde_lib  # pylint: disable=import-outside-toplevel
+    sde, eps = sde_lib.get_sde(config)
+    # Unknown sampler / predictor / corrector names and unsupported combinations -> ValueError.
+    sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
+    _check_inception_handle(config)
+    path = stats_path(config)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+        f'Inception stats file {path} not found (eval.enable_sampling needs it): make it with '
+        f'`python main.py --config <config> --workdir <dir> --mode fid_stats` (same '
+        '--config.eval.stats_dir and --config.eval.inception_handle), or set '
+        '--config.eval.stats_dir to the folder that holds it.')
+  if workdir is not None and not e.wait_for_ckpt:
+    missing = [n for n in range(e.begin_ckpt, e.end_ckpt + 1)
+               if not os.path.isdir(checkpoint_path(workdir, n))]
+    if missing:
+      ckpt_dir = os.path.join(workdir, 'checkpoints')
+      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      matches = map(re.compile(r'^checkpoint_(\d+)$').match, names)
+      have = sorted(int(m.group(1)) for m in matches if m)
+      raise FileNotFoundError(
+        f'checkpoint_{missing[0]} not found in {ckpt_dir} (it holds '
+        f'{", ".join(f"checkpoint_{n}" for n in have) or "none"}): set --config.eval.begin_ckpt / '
+        '--config.eval.end_ckpt to existing checkpoints, or --config.eval.wait_for_ckpt=True to '
+        'wait for training to write them.')
+
+
+def validate_fid_stats(config):
+  """Checks for --mode fid_stats: image data, the Inception module, no silent overwrite."""
+  if _is_toy(config):
+    raise ValueError(f'Inception stats need images, {config.data.dataset} is flat toy data: use an '
+                     'image dataset.')
+  if config.eval.stats_num_images < 0:
+    raise ValueError(f'eval.stats_num_images is {config.eval.stats_num_images}: set 0 (all) or a '
+                     'positive count.')
+  _check_inception_handle(config)
+  path = stats_path(config)
+  if os.path.exists(path) and not config.eval.overwrite_stats:
+    raise ValueError(f'Inception stats file {path} already exists: pass '
+                     '--config.eval.overwrite_stats=True to replace it, or another '
+                     '--config.eval.stats_dir.')

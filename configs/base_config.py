@@ -70,6 +70,12 @@ def get_base_config():
   evaluate.enable_ode_score = False  # NEW: the ScoreODE score gap diagnostic (issue 9)
   evaluate.ode_score_nt = 20
   evaluate.wait_for_ckpt = False  # NEW: wait for training to write missing checkpoints
+  evaluate.wait_timeout = 86400.  # NEW: seconds to wait for one checkpoint (0: forever)
+  evaluate.wait_poll = 60.  # NEW: seconds between looks for a missing checkpoint
+  evaluate.num_bpd_batches = 0  # NEW: bits/dim batches per repeat (0: the whole split)
+  evaluate.bound_num_times = 1000  # NEW: time samples N of the variational bound (eval.bound)
+  evaluate.stats_num_images = 0  # NEW: --mode fid_stats over this many images (0: all)
+  evaluate.overwrite_stats = False  # NEW: --mode fid_stats may replace an existing stats file
   evaluate.inception_handle = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
   evaluate.stats_dir = 'assets/stats'
 
