@@ -8,11 +8,25 @@ Workdir layout (train):
   checkpoints/checkpoint_N      periodic, N = step // snapshot_freq (all kept)
   checkpoints-meta/checkpoint_N pre-emption, N = step // snapshot_freq_for_preemption (latest)
   samples/iter_STEP/sample.png, sample.npz   snapshot samples (EMA params) at each checkpoint
+
+Eval folder layout (evaluate; workdir/eval_folder):
+  stdout.txt, settings.json     log; the settings the stored results were made with
+  ckpt_N/loss.npz               eval loss per batch of the eval split (EMA params)
+  ckpt_N/bpd/batch_R_I.npz      per-example bpd (nll nats for toy data) and nfe of repeat R, batch I
+  ckpt_N/samples/samples_R.npz  sampling round R: uint8 samples, Inception pool_3 and logits
+  ckpt_N/summary.json           the checkpoint's means; summary.csv: one row per checkpoint
+Every file is written to a temporary name and renamed, and every batch / round draws its noise
+from fold_in(seed, checkpoint, part, repeat, batch), so a killed evaluation rerun with the same
+command skips what is stored and ends with exactly the results of an uninterrupted run.
 """
 import functools
+import json
 import logging
+import math
 import os
 import time
+import zlib
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -359,12 +373,507 @@ def params_checksum(params):
 
 
 # ------------------------------------------------------------------------------------------------
-# Entry points still being built
+# Evaluation
 # ------------------------------------------------------------------------------------------------
 
+# Fields whose change alters stored eval results: a rerun into the same eval folder must match.
+_RESULT_FIELDS = {
+  'seed': None, 'data': None, 'model': None, 'sampling': None,
+  'training': ('sde', 'continuous', 'smallest_time', 'reduce_mean', 'likelihood_weighting',
+               'importance_weighting', 'score_matching_order', 'loss_weights', 'exact_jacobian'),
+  'eval': ('batch_size', 'bpd_dataset', 'bound', 'dsm', 'offset', 'bound_num_times', 'dequantizer',
+           'rtol', 'atol', 'hutchinson_type', 'likelihood_solver', 'inception_handle',
+           'ode_score_nt'),
+}
+
+
+class BatchPart(NamedTuple):
+  """One per-batch evaluation of the bits/dim loop.
+
+  fn(rng, params, model_state, batch) -> dict of arrays, per example (B,) or per batch (scalar);
+  batch = {'image': dequantized data in the model's space (B, ...), 'deq_bpd': (B,) the
+  dequantizer's bits/dim correction}. Saved to ckpt_N/<name>/batch_R_I.npz, skipped when stored,
+  and averaged into the summary (keys prefixed '<name>_' unless name is 'bpd').
+  """
+  name: str
+  fn: Callable[..., Any]
+
+
+def eval_key(seed, ckpt, kind, *indices):
+  """The key of one unit of eval work: PRNGKey(seed + 1) folded with ckpt, crc32(kind) and the
+  indices; a rerun draws exactly the noise of an uninterrupted run, whatever was skipped."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), ckpt)
+  key = jax.random.fold_in(key, zlib.crc32(kind.encode()) & 0x7fffffff)
+  for i in indices:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+def _host(x):
+  """A global array (sharded or replicated, possibly over processes) -> numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _sync(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def _save_npz(path, **arrays):
+  """np.savez_compressed to a temporary file, then an atomic rename onto path."""
+  tmp = f'{path}.tmp{os.getpid()}.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _write_text(path, text):
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _load_npz(path):
+  with np.load(path) as data:
+    return {k: np.asarray(data[k]) for k in data.files}
+
+
+def _images(batch):
+  image = batch['image']
+  # pylint: disable-next=protected-access
+  return image._numpy() if hasattr(image, '_numpy') else np.asarray(image)
+
+
+def _result_settings(config):
+  """The config fields that the stored results depend on (_RESULT_FIELDS), JSON-normalised."""
+  out = {}
+  for section, fields in _RESULT_FIELDS.items():
+    node = config[section]
+    if fields is None:
+      out[section] = node.to_dict() if hasattr(node, 'to_dict') else node
+    else:
+      out[section] = {f: node[f] for f in fields if f in node}
+  return json.loads(json.dumps(out, default=str, sort_keys=True))
+
+
+def _flat(tree, prefix=''):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}.{k}' if prefix else k))
+  return out
+
+
+def _check_settings(eval_dir, config, is_main):
+  """Refuse to mix results of different settings in one eval folder; record them on first use."""
+  path = os.path.join(eval_dir, 'settings.json')
+  now = _result_settings(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      before, after = _flat(json.load(f)), _flat(now)
+    diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if diff:
+      raise ValueError(f'{eval_dir} holds results made with other settings ({", ".join(diff[:6])}'
+                       f'{" ..." if len(diff) > 6 else ""} differ): pass another --eval_folder, or '
+                       'delete that folder to start over.')
+  elif is_main:
+    _write_text(path, json.dumps(now, indent=2, sort_keys=True))
+
+
+def get_dequantize_fn(config, workdir, deq_folder):
+  """dequantize_fn(rng, images in [0, 1]) -> (dequantized images in [0, 1], bpd correction (B,)).
+
+  Uniform dequantization as score_flow's evaluation: (x * 255 + u) / 256, u ~ U[0, 1), no
+  correction; flat toy data are used as they are.
+  """
+  import datasets  # pylint: disable=import-outside-toplevel
+  if config.eval.dequantizer:
+    # Extension point (variational dequantization, score_flow): return the Flow++ dequantizer
+    # trained by train_deq in os.path.join(workdir, deq_folder), as
+    # dequantize_fn(rng, images) -> ((images * 255 + noise) / 256, -log q(noise | x) / (dim ln 2)).
+    raise NotImplementedError(
+      f'eval.dequantizer (the Flow++ dequantizer of {os.path.join(workdir, deq_folder)}) is not '
+      'built yet: set --config.eval.dequantizer=False for uniform dequantization.')
+  if datasets.is_toy(config):
+    return lambda rng, x: (x, jnp.zeros(x.shape[:1], x.dtype))
+
+  @jax.jit
+  def uniform(rng, images):
+    u = jax.random.uniform(rng, images.shape, images.dtype)
+    return (images * 255. + u) / 256., jnp.zeros(images.shape[:1], images.dtype)
+
+  return uniform
+
+
+def get_batch_parts(config, sde, model, inverse_scaler):
+  """The per-batch evaluations of the bits/dim loop (see BatchPart), in the order they run."""
+  import bound_likelihood  # pylint: disable=import-outside-toplevel
+  import datasets  # pylint: disable=import-outside-toplevel
+  import likelihood  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  images = not datasets.is_toy(config)
+  eps = config.training.smallest_time
+  parts = []
+  if e.enable_bpd:
+    if e.bound:
+      bound_fn = bound_likelihood.get_bound_fn(
+        sde, model, inverse_scaler, dsm=e.dsm, eps=eps, importance_weighting=True, offset=e.offset,
+        N=e.bound_num_times, hutchinson_type=e.hutchinson_type, data_is_images=images,
+        return_nll=True)
+
+      def bpd_fn(rng, params, model_state, batch):
+        bpd, nll = bound_fn(rng, params, model_state, batch['image'])
+        return _bpd_outputs(bpd + batch['deq_bpd'], nll, None, images)
+    else:
+      method = str(e.likelihood_solver).lower()
+      lik_fn = likelihood.get_likelihood_fn(
+        sde, model, inverse_scaler, hutchinson_type=e.hutchinson_type, rtol=e.rtol, atol=e.atol,
+        method=method, eps=eps, data_is_images=images, return_nll=True)
+
+      def bpd_fn(rng, params, model_state, batch):
+        data = batch['image'] if method == 'jax' else _host(batch['image'])
+        bpd, _, nfe, nll = lik_fn(rng, params, model_state, data)
+        return _bpd_outputs(bpd + batch['deq_bpd'], nll, nfe, images)
+    parts.append(BatchPart('bpd', bpd_fn))
+  # Extension point (issue 9, config.eval.enable_ode_score): append
+  #   BatchPart('ode_score', ode_score_fn) with ode_score_fn(rng, params, model_state, batch) ->
+  #   dict of arrays; it then runs on the same dequantized batches as bits/dim, is stored in
+  #   ckpt_N/ode_score/batch_R_I.npz, resumed and averaged like bpd (summary keys ode_score_*).
+  _check_extensions(config)
+  return parts
+
+
+def _check_extensions(config):
+  """Per-batch parts that other work will add (see get_batch_parts / get_dequantize_fn)."""
+  if config.eval.enable_ode_score:
+    raise NotImplementedError('eval.enable_ode_score (the ScoreODE score diagnostic) is not built '
+                              'yet: set --config.eval.enable_ode_score=False.')
+
+
+def _bpd_outputs(bpd, nll, nfe, images):
+  out = {'bpd': bpd}
+  if not images:
+    out['nll'] = nll  # nats, for flat toy data (whose published numbers are NLLs)
+  if nfe is not None:
+    out['nfe'] = jnp.asarray(nfe)
+  return out
+
+
+def _mean_results(per_batch, prefix=''):
+  """{key: [arrays per batch]} -> means over examples (per-example keys) or batches (scalars),
+  with the count and standard error of the per-example ones."""
+  out = {}
+  for k, arrays in per_batch.items():
+    name = f'{prefix}{k}'
+    if all(np.ndim(a) == 0 for a in arrays):
+      out[name] = float(np.mean(arrays))
+    else:
+      v = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64)
+      out[name] = float(v.mean())
+      out[f'{name}_n'] = int(v.size)
+      out[f'{name}_sem'] = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float('nan')
+  return out
+
+
+def _wait_for_checkpoint(config, workdir, ckpt, is_main):
+  """workdir/checkpoints/checkpoint_<ckpt>: fail fast if missing, or with eval.wait_for_ckpt poll
+  every eval.wait_poll s for at most eval.wait_timeout s (0: forever)."""
+  e = config.eval
+  path = config_checks.checkpoint_path(workdir, ckpt)
+  if os.path.isdir(path):
+    return path
+  if not e.wait_for_ckpt:
+    raise FileNotFoundError(f'{path} not found: set --config.eval.begin_ckpt / end_ckpt to '
+                            'existing checkpoints, or --config.eval.wait_for_ckpt=True to wait.')
+  if is_main:
+    logging.warning('Waiting for %s (looking every %g s, %s).', path, e.wait_poll,
+                    f'at most {e.wait_timeout:g} s' if e.wait_timeout > 0 else 'no time limit')
+  start = time.time()
+  while not os.path.isdir(path):
+    waited = time.time() - start
+    if e.wait_timeout > 0 and waited >= e.wait_timeout:
+      raise FileNotFoundError(
+        f'{path} did not appear within eval.wait_timeout={e.wait_timeout:g} s: check that training '
+        f'writes to {workdir}, or raise --config.eval.wait_timeout (0 waits forever).')
+    time.sleep(max(0.01, min(e.wait_poll, e.wait_timeout - waited if e.wait_timeout > 0 else
+                             e.wait_poll)))
+  return path
+
+
+def _progress(total, desc, unit, is_main):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, unit=unit, disable=not is_main, dynamic_ncols=True)
+
+
+def _eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler, mesh, is_main):
+  """Eval loss (EMA params) over the whole eval split, ckpt_N/loss.npz; reused when stored."""
+  path = os.path.join(ckpt_dir, 'loss.npz')
+  if not os.path.exists(path):
+    state = get_state()
+    deq = config.data.uniform_dequantization and not _is_toy(config)
+    rows = []
+    for i, batch in enumerate(eval_ds):
+      images = _images(batch)
+      if deq:  # the training data's dequantization, with per-batch noise
+        u = np.asarray(jax.random.uniform(eval_key(config.seed, ckpt, 'loss_dequantize', i),
+                                          images.shape, jnp.float32))
+        images = (images * 255. + u) / 256.
+      x = global_batch({'image': np.asarray(scaler(images), np.float32)[None]}, mesh)
+      st = state.replace(rng=replicate(eval_key(config.seed, ckpt, 'loss', i), mesh))
+      metrics = p_eval_step(st, x)
+      rows.append({k: float(_host(v)[0]) for k, v in metrics.items() if k.startswith('loss')})
+    if not rows:
+      raise ValueError('the eval split yielded no batch: lower --config.eval.batch_size.')
+    arrays = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+    if is_main:
+      _save_npz(path, **arrays)
+  else:
+    arrays = _load_npz(path)
+  return {f'eval_{k}': float(np.mean(v)) for k, v in arrays.items()}
+
+
+def _is_toy(config):
+  import datasets  # pylint: disable=import-outside-toplevel
+  return datasets.is_toy(config)
+
+
+def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get_state, scaler,
+                  mesh, is_main):
+  """The per-batch parts (bits/dim, ...) over `repeats` passes of ds, one file per batch and part;
+  stored batches are skipped (the data are read in the same order and the noise of every batch is
+  fixed by eval_key), so a resumed run stores exactly the batches of an uninterrupted one."""
+  e = config.eval
+  dirs = {p.name: os.path.join(ckpt_dir, p.name) for p in parts}
+  done = {}
+  for name, d in dirs.items():
+    if is_main:
+      os.makedirs(d, exist_ok=True)
+    done[name] = set(os.listdir(d)) if os.path.isdir(d) else set()
+  _sync(f'eval_batches_{ckpt}')  # every process decided what is stored before anyone writes
+  limit = e.num_bpd_batches or None
+  try:
+    per_pass = len(ds)
+  except TypeError:
+    per_pass = None
+  per_pass = min(per_pass, limit) if per_pass and limit else (per_pass or limit)
+  results = {p.name: {} for p in parts}
+  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ckpt} bits/dim', 'batch',
+                  is_main)
+  n_seen = 0
+  for r in range(repeats):
+    for i, batch in enumerate(ds):
+      if limit and i >= limit:
+        break
+      fname = f'batch_{r}_{i}.npz'
+      prepared = None
+      for p in parts:
+        path = os.path.join(dirs[p.name], fname)
+        if fname in done[p.name]:
+          out = _load_npz(path)
+        else:
+          state = get_state()
+          if prepared is None:
+            images = global_batch(_images(batch).astype(np.float32), mesh, batch_axis=0)
+            data, deq_bpd = dequantize_fn(eval_key(config.seed, ckpt, 'dequantize', r, i), images)
+            prepared = {'image': scaler(data), 'deq_bpd': deq_bpd}
+          tic = time.time()
+          out = p.fn(eval_key(config.seed, ckpt, p.name, r, i), state.params_ema,
+                     state.model_state, prepared)
+          out = {k: _host(v) for k, v in out.items()}
+          out['seconds'] = np.asarray(time.time() - tic)
+          if is_main:
+            _save_npz(path, **out)
+        for k, v in out.items():
+          results[p.name].setdefault(k, []).append(v)
+      n_seen += 1
+      if is_main and 'bpd' in results and 'bpd' in results['bpd']:
+        logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f', ckpt, r, i,
+                     float(np.mean(np.concatenate([np.ravel(a) for a in results['bpd']['bpd']]))))
+      bar.update(1)
+  bar.close()
+  if n_seen == 0:
+    raise ValueError(f'the {e.bpd_dataset} split yielded no batch: lower --config.eval.batch_size.')
+  summary = {}
+  for p in parts:
+    summary.update(_mean_results(results[p.name], '' if p.name == 'bpd' else f'{p.name}_'))
+  if 'seconds' in summary:
+    summary['seconds_per_batch'] = summary.pop('seconds')
+  return summary
+
+
+def _eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools, get_state, is_main):
+  """ceil(num_samples / batch_size) sampling rounds (ckpt_N/samples/samples_R.npz with uint8
+  samples and their Inception pool_3 / logits; stored rounds are skipped), then IS/FID/KID of
+  the first num_samples against the dataset stats."""
+  import evaluation  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  sdir = os.path.join(ckpt_dir, 'samples')
+  if is_main:
+    os.makedirs(sdir, exist_ok=True)
+  done = set(os.listdir(sdir)) if os.path.isdir(sdir) else set()
+  _sync(f'eval_samples_{ckpt}')
+  n_rounds = math.ceil(e.num_samples / e.batch_size)
+  bar = _progress(n_rounds, f'ckpt {ckpt} sampling', 'round', is_main)
+  for r in range(n_rounds):
+    path = os.path.join(sdir, f'samples_{r}.npz')
+    if f'samples_{r}.npz' not in done:
+      state = get_state()
+      samples, nfe = sample_fn(eval_key(config.seed, ckpt, 'sample', r), state.params_ema,
+                               state.model_state)
+      images = np.clip(_host(samples) * 255., 0, 255).astype(np.uint8)  # as score_flow
+      if is_main:
+        latents = evaluation.run_inception(images, inception, batch_size=min(e.batch_size, 256))
+        _save_npz(path, samples=images, pool_3=latents['pool_3'], logits=latents['logits'],
+                  nfe=_host(nfe))
+        logging.info('sampling -- ckpt: %d, round: %d', ckpt, r)
+    bar.update(1)
+  bar.close()
+  _sync(f'eval_samples_done_{ckpt}')
+  if not is_main:
+    return {}
+  rounds = [_load_npz(os.path.join(sdir, f'samples_{r}.npz')) for r in range(n_rounds)]
+  pools = np.concatenate([d['pool_3'] for d in rounds])[:e.num_samples]
+  logits = np.concatenate([d['logits'] for d in rounds])[:e.num_samples]
+  metrics = evaluation.compute_metrics(logits, pools, data_pools)
+  return {'IS': float(metrics['IS']), 'fid': float(metrics['fid']), 'kid': float(metrics['kid']),
+          'num_samples': int(pools.shape[0]),
+          'sampling_nfe': float(np.mean([d['nfe'] for d in rounds]))}
+
+
+def _write_summary_csv(eval_dir):
+  """summary.csv rebuilt from every ckpt_N/summary.json: one row per checkpoint (idempotent, so a
+  rerun never duplicates a row)."""
+  import csv  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  rows = []
+  for name in os.listdir(eval_dir):
+    path = os.path.join(eval_dir, name, 'summary.json')
+    if name.startswith('ckpt_') and os.path.isfile(path):
+      with open(path) as f:
+        rows.append(json.load(f))
+  rows.sort(key=lambda r: r['ckpt'])
+  keys = ['ckpt', 'step'] + sorted({k for r in rows for k in r} - {'ckpt', 'step'})
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=keys)
+  writer.writeheader()
+  writer.writerows(rows)
+  _write_text(os.path.join(eval_dir, 'summary.csv'), buf.getvalue())
+
+
+class _NoReadOnlyNotes(logging.Filter):
+  def filter(self, record):
+    msg = record.getMessage()
+    return 'read_only' not in msg and 'read only' not in msg
+
+
+def _read_only_ckpt_dir(directory):
+  """CheckpointDir opened read-only, without orbax's two warnings that it is read-only."""
+  logger, quiet = logging.getLogger('absl'), _NoReadOnlyNotes()
+  logger.addFilter(quiet)
+  try:
+    return checkpoints.CheckpointDir(directory, create=False)
+  finally:
+    logger.removeFilter(quiet)
+
+
 def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
-  """Sample quality (FID/IS/KID), losses and bits/dim of the checkpoints in workdir."""
-  raise NotImplementedError('evaluate is being built')
+  """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints (EMA params):
+  eval loss (eval.enable_loss), bits/dim by the probability-flow ODE or the variational bound
+  (eval.enable_bpd, eval.bound) and IS/FID/KID of samples (eval.enable_sampling). Results go to
+  workdir/eval_folder (layout in the module docstring); pre-emption safe (rerun to resume).
+  """
+  config_checks.validate_config(config, 'eval', workdir)
+  import datasets  # pylint: disable=import-outside-toplevel
+  import evaluation  # pylint: disable=import-outside-toplevel
+  import sampling  # pylint: disable=import-outside-toplevel
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+
+  e = config.eval
+  is_main = jax.process_index() == 0
+  eval_dir = os.path.join(workdir, eval_folder)
+  if is_main:
+    os.makedirs(eval_dir, exist_ok=True)
+  _check_settings(eval_dir, config, is_main)
+  sde, sampling_eps = sde_lib.get_sde(config)
+  scaler = datasets.get_data_scaler(config)
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+
+  # Everything that can fail on user input comes before the model and the data.
+  _check_extensions(config)
+  _wait_for_checkpoint(config, workdir, e.begin_ckpt, is_main)
+  dequantize_fn = None
+  if e.enable_bpd or e.enable_ode_score:
+    dequantize_fn = get_dequantize_fn(config, workdir, deq_folder)
+  mesh = make_mesh()
+  inception = data_pools = sample_fn = None
+  if e.enable_sampling:
+    data_pools = evaluation.load_dataset_stats(config)['pool_3']
+    inception = evaluation.get_inception_model(e.inception_handle)
+
+  model, tx, host_state = build_state(config, jax.random.PRNGKey(config.seed))
+  target = replicate(host_state, mesh)
+  parts = get_batch_parts(config, sde, model, inverse_scaler)
+  if e.enable_sampling:
+    shape = (e.batch_size,) + tuple(mutils.get_data_shape(config))
+    sampler = sampling.get_sampler(config, sde, shape, inverse_scaler, sampling_eps)
+    sample_fn = jax.jit(lambda rng, params, ms: sampler(rng, (model, params, ms)),
+                        out_shardings=(NamedSharding(mesh, P(DATA_AXIS)), replicated(mesh)))
+  p_eval_step = None
+  if e.enable_loss:
+    p_eval_step = get_multi_eval_fn(get_step_fns(config, sde, model, tx)[1], mesh)
+  train_ds = eval_ds = bpd_ds = None
+  repeats = 1
+  if e.enable_loss or parts:
+    train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=None,
+                                                uniform_dequantization=False, evaluation=True,
+                                                shuffle=False)
+    # As score_flow: the training split once, the test split eval.num_repeats times.
+    train_bpd = str(e.bpd_dataset).lower() == 'train'
+    bpd_ds, repeats = (train_ds, 1) if train_bpd else (eval_ds, e.num_repeats)
+
+  for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
+    ckpt_path = _wait_for_checkpoint(config, workdir, ckpt, is_main)
+    ckpt_dir = os.path.join(eval_dir, f'ckpt_{ckpt}')
+    if is_main:
+      os.makedirs(ckpt_dir, exist_ok=True)
+    ckpts = _read_only_ckpt_dir(os.path.join(workdir, 'checkpoints'))
+    holder = {}
+
+    def get_state(ckpts=ckpts, ckpt=ckpt, holder=holder, ckpt_path=ckpt_path):
+      if 'state' not in holder:  # restored only when some result is not stored yet
+        holder['state'] = ckpts.restore(ckpt, target)
+        if is_main:
+          logging.info('Restored %s (step %d).', ckpt_path, int(checkpoints.to_host(
+            holder['state'].step)))
+      return holder['state']
+
+    summary = {'ckpt': ckpt, 'step': ckpts.training_step(ckpt)}
+    tic = time.time()
+    if e.enable_loss:
+      summary.update(_eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler,
+                                mesh, is_main))
+    if parts:
+      summary.update(_eval_batches(ckpt, ckpt_dir, config, bpd_ds, repeats, parts, dequantize_fn,
+                                   get_state, scaler, mesh, is_main))
+    if e.enable_sampling:
+      summary.update(_eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools,
+                                   get_state, is_main))
+    ckpts.close()
+    if is_main:
+      summary['seconds_this_run'] = time.time() - tic
+      _write_text(os.path.join(ckpt_dir, 'summary.json'), json.dumps(summary, indent=2))
+      _write_summary_csv(eval_dir)
+      logging.info('ckpt-%d --- %s', ckpt, ', '.join(
+        f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
+        if k != 'ckpt'))
+    _sync(f'eval_ckpt_{ckpt}')
+  return summary
 
 
 def train_deq(config, workdir, deq_workdir):
@@ -373,5 +882,14 @@ def train_deq(config, workdir, deq_workdir):
 
 
 def fid_stats(config, workdir):
-  """Inception statistics of the training set (the stats files of assets/stats)."""
-  raise NotImplementedError('fid_stats is being built')
+  """Inception pool_3 statistics of the training split -> config.eval.stats_dir/<name>_stats.npz
+  (evaluation.stats_path), the file that eval.enable_sampling compares samples with. Refuses to
+  replace an existing file unless eval.overwrite_stats. Run it as a single process."""
+  del workdir  # the stats belong to the dataset, not to a run
+  config_checks.validate_config(config, 'fid_stats')
+  import evaluation  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  inception = evaluation.get_inception_model(e.inception_handle)
+  path = evaluation.compute_dataset_stats(config, inception, max_images=e.stats_num_images or None)
+  logging.info('Inception stats of %s written to %s.', config.data.dataset, path)
+  return path
