@@ -4,16 +4,13 @@ To keep compile time small on a 2-core CPU, the tests shrink the U-Net to one re
 without attention (--config.model.ch_mult="(1,)" --config.model.attn_resolutions="()") and share
 a persistent JAX compilation cache between their subprocesses, so one trained workdir (a
 module fixture) and the runs that reuse its program (resume, fine-tune, non-finite stop) compile
-once.
+once. The helpers and the `trained` fixture are in conftest.py (shared with
+run_lib_eval_test.py).
 """
-import fcntl
 import glob
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
 
 import flax
 import jax
@@ -23,30 +20,9 @@ from PIL import Image
 
 import checkpoints
 import run_lib
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CONFIG = 'configs/tiny/digits_ddpmpp.py'
-SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
-CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
-
-
-def run_main(args, env_extra=None, timeout=600):
-  """python main.py ARGS in a subprocess sharing the test compilation cache."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2')
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def train_args(workdir, n_iters, order=1, freq=2, eval_freq=2, sampling=True, extra=()):
-  return [f'--config={CONFIG}', f'--workdir={workdir}', '--mode=train', *SMALL,
-          f'--config.training.score_matching_order={order}',
-          f'--config.training.n_iters={n_iters}', f'--config.training.snapshot_freq={freq}',
-          f'--config.training.snapshot_freq_for_preemption={freq}',
-          '--config.training.log_freq=1', f'--config.training.eval_freq={eval_freq}',
-          f'--config.training.snapshot_sampling={sampling}', *extra]
+# The `trained` fixture (one shared trained workdir) lives in conftest.py.
+from conftest import CACHE, CONFIG, SMALL, run_main, train_args  # pylint: disable=unused-import
+from conftest import ok as _ok
 
 
 def logged_losses(text, kind='training'):
@@ -57,37 +33,6 @@ def logged_losses(text, kind='training'):
   for m in re.finditer(pat, text):
     out[int(m.group(1))] = tuple(float(m.group(i).rstrip(',')) for i in range(2, 6))
   return out
-
-
-def _ok(r):
-  assert r.returncode == 0, r.stderr[-4000:]
-  return r
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """Order-1 run: 4 steps, checkpoints every 2, eval every 2, logging every step.
-
-  Run once per pytest session even under pytest-xdist: workers share the session's temp root
-  and the first one to take the lock trains; the others wait and reuse the workdir (read-only;
-  tests that write copy it first)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent
-  shared = root / 'run_lib_test_order1'
-  shared.mkdir(exist_ok=True)
-  workdir = shared / 'wd'
-  with open(shared / 'lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not (shared / 'done').exists():
-        if workdir.exists():
-          shutil.rmtree(workdir)
-        _ok(run_main(train_args(workdir, n_iters=4)))
-        (shared / 'done').touch()
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  return workdir
 
 
 def _sharding():
