@@ -177,7 +177,7 @@ def _log_size(workdir):
   return os.path.getsize(p) if os.path.exists(p) else 0
 
 
-def sigkill_trials(root, kills=12, seed=0, n_iters=80, freq=2, snapshot_freq=10):
+def sigkill_trials(root, kills=12, seed=0, n_iters=60, freq=2, snapshot_freq=10):
   """One toy run killed `kills` times (SIGKILL) and restarted with the same command each time, vs
   an uninterrupted run. Kill moments cycle over: a seeded random delay after the training loop
   starts (x2), the moment an orbax temporary checkpoint dir appears, a seeded random delay from
@@ -195,6 +195,7 @@ def sigkill_trials(root, kills=12, seed=0, n_iters=80, freq=2, snapshot_freq=10)
     kind = kinds[len(trials) % len(kinds)] if len(trials) < kills else None
     offset = _log_size(wd)
     expect = max(_complete_steps(wd, freqs).values(), default=None)
+    stale = set(_tmp_dirs(wd))  # left by earlier kills until this run's manager removes them
     with open(os.path.join(root, 'console.txt'), 'a') as console:
       proc = subprocess.Popen([sys.executable, 'main.py', *args], cwd=ROOT, env=env(),
                               stdout=console, stderr=console)
@@ -226,7 +227,7 @@ def sigkill_trials(root, kills=12, seed=0, n_iters=80, freq=2, snapshot_freq=10)
       if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
       trial['returncode'] = proc.wait()
-      trial['tmp_dir_at_kill'] = bool(_tmp_dirs(wd))
+      trial['tmp_dir_at_kill'] = bool(set(_tmp_dirs(wd)) - stale)
     else:
       trial['returncode'] = proc.wait(timeout=600)
       finished = trial['returncode']
