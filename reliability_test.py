@@ -7,16 +7,16 @@ outside the product code: SIGKILL from the parent (at seeded random moments, or 
 orbax temporary checkpoint directory appears), a driver that wraps run_lib.get_multi_step_fn to
 poison one step's batch with NaN, bytes damaged on disk, and bad command lines.
 
-Outcomes (python scripts/reliability_table.py, 2-core CPU):
+Outcomes (reliability_test.py and scripts/reliability_table.py on a loaded 2-core CPU):
 
 | fault | trials | outcome |
 |---|---|---|
-| SIGKILL at random moments (startup, training loop, checkpoint write), restart with the same command | 12 kills (3 during a checkpoint write) | each restart resumed from the newest complete checkpoint; no temporary dir left; final params bitwise equal to an uninterrupted run |
-| NaN batch at step 6, training.nonfinite='stop' | 1 | exit 3, one line naming step 6, checkpoints byte-identical (same files, sizes, mtimes) |
-| NaN batch at step 6, training.nonfinite='skip' | 1 | exit 0, step counted (nonfinite_count 1), params/opt state of step 6 = step 5, every saved array finite |
-| latest checkpoints damaged (garbled array bytes, truncated array file, garbled meta JSON, deleted array file) | 4 | error log line naming each damaged checkpoint; resumed from the previous good one (step 2) |
-| every checkpoint damaged | 1 | exit 2, one line naming them and the fix; nothing overwritten |
-| bad input (see BAD_INPUT and main_test.BAD) | 21 | exit 2, one stderr line naming the problem and fix, workdir listing and mtimes unchanged, nothing compiled |
+| SIGKILL at seeded random moments (start-up/restore, training loop, as an orbax tmp checkpoint dir appears), restart with the same command | 12 kills of one 60-step run (3 during a checkpoint write) | every restart resumed from the newest complete checkpoint (never a partial one); stale tmp dirs removed; final params, EMA, optimizer state and rng bitwise equal to an uninterrupted run |
+| NaN in every input of step 6, training.nonfinite='stop' | 1 | exit 3, one stderr line naming step 6 and the fixes; checkpoints byte-identical (files, sizes, mtimes) |
+| NaN in every input of step 6, training.nonfinite='skip' | 1 | exit 0, skip counted (nonfinite_count 1, logged); step-6 params/EMA/optimizer state equal step 5's; every saved array finite |
+| latest meta + periodic checkpoints damaged: garbled array bytes, truncated array file, deleted array file, garbled meta JSON | 4 | error line naming each damaged checkpoint; resumed from the previous good one (step 2) |
+| every checkpoint damaged | 1 | exit 2, one line naming them and the fix; checkpoints untouched |
+| bad input (BAD_INPUT: main_test.BAD + sampler/predictor/corrector/nonfinite names, unprepared TFDS dataset, workdir is a file) against an existing workdir | 17 | exit 2, one stderr line naming problem and fix; workdir files and mtimes unchanged; nothing compiled (fresh JAX cache stays empty); 0.3-3 s each, 10-16 s for TFDS (TensorFlow import) |
 """
 import glob
 import hashlib
