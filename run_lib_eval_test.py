@@ -271,3 +271,26 @@ def test_wait_for_checkpoint(trained, tmp_path):
                    enable_bpd=False, enable_loss=False)
   with pytest.raises(FileNotFoundError, match='checkpoint_9 did not appear within'):
     run_lib.evaluate(config, str(workdir), 'wait_timeout')
+
+
+def test_toy_batch_part_reports_nats():
+  """Flat toy data: the bits/dim part also returns the NLL in nats (bpd = nll / (dim ln 2), no
+  8-bit offset) and the data are not dequantized."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import datasets  # pylint: disable=import-outside-toplevel
+  import run_lib  # pylint: disable=import-outside-toplevel
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  from configs.toy import checkerboard_vp  # pylint: disable=import-outside-toplevel
+  config = checkerboard_vp.get_config()
+  config.eval.rtol = config.eval.atol = 1e-3
+  sde, _ = sde_lib.get_sde(config)
+  model, _, state = run_lib.build_state(config, jax.random.PRNGKey(0))
+  (part,) = run_lib.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
+  x = np.asarray(datasets.sample_toy('CHECKERBOARD', 0, 4), np.float32)
+  deq_x, corr = run_lib.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(deq_x, x)
+  out = part.fn(jax.random.PRNGKey(2), state.params_ema, state.model_state,
+                {'image': deq_x, 'deq_bpd': corr})
+  assert set(out) == {'bpd', 'nll', 'nfe'} and int(out['nfe']) > 0
+  assert np.isfinite(out['nll']).all()
+  np.testing.assert_allclose(out['bpd'], np.asarray(out['nll']) / (2 * np.log(2.)), rtol=1e-5)
