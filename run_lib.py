@@ -540,19 +540,30 @@ def get_batch_parts(config, sde, model, inverse_scaler):
         bpd, _, nfe, nll = lik_fn(rng, params, model_state, data)
         return _bpd_outputs(bpd + batch['deq_bpd'], nll, nfe, images)
     parts.append(BatchPart('bpd', bpd_fn))
-  # Extension point (issue 9, config.eval.enable_ode_score): append
-  #   BatchPart('ode_score', ode_score_fn) with ode_score_fn(rng, params, model_state, batch) ->
-  #   dict of arrays; it then runs on the same dequantized batches as bits/dim, is stored in
-  #   ckpt_N/ode_score/batch_R_I.npz, resumed and averaged like bpd (summary keys ode_score_*).
-  _check_extensions(config)
+  if e.enable_ode_score:
+    import ode_score  # pylint: disable=import-outside-toplevel
+    score_gap_fn = ode_score.get_ode_score_fn_from_config(config, sde, model)
+
+    def ode_score_fn(rng, params, model_state, batch):
+      # (nt,) batch means of the ScoreODE score diagnostics on the same dequantized batches.
+      return score_gap_fn(rng, params, model_state, batch['image'])
+    parts.append(BatchPart('ode_score', ode_score_fn))
   return parts
 
 
-def _check_extensions(config):
-  """Per-batch parts that other work will add (see get_batch_parts / get_dequantize_fn)."""
-  if config.eval.enable_ode_score:
-    raise NotImplementedError('eval.enable_ode_score (the ScoreODE score diagnostic) is not built '
-                              'yet: set --config.eval.enable_ode_score=False.')
+def _ode_score_summary(per_batch, ckpt_dir, is_main):
+  """Per-time means over batches of the ode_score part -> ckpt_N/ode_score.{npz,csv}; the
+  summary keeps the mean over t of each diagnostic."""
+  import ode_score  # pylint: disable=import-outside-toplevel
+  means = {k: np.mean(np.stack(v), axis=0) for k, v in per_batch.items() if k != 'seconds'}
+  if is_main:
+    _save_npz(os.path.join(ckpt_dir, 'ode_score.npz'), **means)
+    keys = ['ts'] + [k for k in ode_score.DIAGNOSTICS if k in means]
+    lines = [','.join(keys)] + [','.join(f'{means[k][i]:.8g}' for k in keys)
+                                for i in range(len(means['ts']))]
+    _write_text(os.path.join(ckpt_dir, 'ode_score.csv'), '\n'.join(lines) + '\n')
+  return {f'ode_score_{k}': float(np.mean(means[k])) for k in ode_score.DIAGNOSTICS
+          if k in means}
 
 
 def _bpd_outputs(bpd, nll, nfe, images):
@@ -700,7 +711,10 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
     raise ValueError(f'the {e.bpd_dataset} split yielded no batch: lower --config.eval.batch_size.')
   summary = {}
   for p in parts:
-    summary.update(_mean_results(results[p.name], '' if p.name == 'bpd' else f'{p.name}_'))
+    if p.name == 'ode_score':
+      summary.update(_ode_score_summary(results[p.name], ckpt_dir, is_main))
+    else:
+      summary.update(_mean_results(results[p.name], '' if p.name == 'bpd' else f'{p.name}_'))
   if 'seconds' in summary:
     summary['seconds_per_batch'] = summary.pop('seconds')
   return summary
@@ -805,7 +819,6 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
   inverse_scaler = datasets.get_data_inverse_scaler(config)
 
   # Everything that can fail on user input comes before the model and the data.
-  _check_extensions(config)
   _wait_for_checkpoint(config, workdir, e.begin_ckpt, is_main)
   dequantize_fn = None
   if e.enable_bpd or e.enable_ode_score:
