@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -184,6 +185,7 @@ def sigkill_trials(root, kills=12, seed=0, n_iters=60, freq=2, snapshot_freq=10)
   process start (during start-up / restore). Returns a record."""
   rng = np.random.default_rng(seed)
   root = str(root)
+  os.makedirs(root, exist_ok=True)
   ref_dir, wd = os.path.join(root, 'reference'), os.path.join(root, 'killed')
   args = toy_args(wd, n_iters, freq=freq, snapshot_freq=snapshot_freq)
   freqs = {'checkpoints-meta': freq, 'checkpoints': snapshot_freq}
@@ -375,6 +377,7 @@ DAMAGE = {
 def damaged_trial(base_dir, workdir, damage, all_checkpoints=False):
   """Damage the latest checkpoints (meta and periodic, both step 4; with all_checkpoints also the
   step-2 one) and rerun the same training command."""
+  workdir = pathlib.Path(workdir)
   shutil.copytree(base_dir, workdir)
   names = ['checkpoints-meta/checkpoint_2', 'checkpoints/checkpoint_2']
   if all_checkpoints:
