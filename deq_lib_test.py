@@ -190,7 +190,12 @@ CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.g
 def test_end_to_end_tiny_digits(tmp_path):
   """scripts/deq_demo.py at its smallest: run_lib.train (8 steps), train_deq (10 steps), a
   resumed rerun (+2 steps), dequantize_fn and ODE bits/dim, in one subprocess (its reruns then
-  reuse the compiled programs through the persistent compilation cache)."""
+  reuse the compiled programs through the persistent compilation cache).
+
+  Not asserted: dequantized bpd < uniform bpd. For a score model trained a few steps the density
+  is flat at the scale of one 8-bit bin, where the uniform q is optimal (E[bpd_correction] =
+  KL(q || U) / (D ln 2) >= 0); the trained q approaches it (scripts/deq_demo.py, 60 score and 500
+  dequantizer steps: correction 0.29 -> 0.005 bits/dim, deq - uniform = +0.004 +- 0.005)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2')

@@ -13,6 +13,9 @@ Rerunning with the same workdir continues both trainings. Prints one JSON line a
 ('RESULT {...}'). A score model trained briefly has a density that is flat at the scale of one
 8-bit bin, for which the uniform dequantizer is optimal: the trained dequantizer then only
 approaches it. The gain over uniform appears once the model resolves the data's 8-bit grid.
+Measured on 2 shared CPU cores (--score_steps 60, then 200 dequantizer steps at lr 1e-3 and 300
+more at --deq_lr 3e-3, 16 test images, ODE): uniform 11.379, dequantized 11.383 bits/dim
+(difference +0.004 +- 0.005); mean correction 0.292 at init -> 0.005 after training.
 """
 import argparse
 import json
