@@ -91,7 +91,8 @@ def load_score_model(config, workdir, mesh, number=None):
   if number:
     if number not in ckpt_dir.numbers():
       raise FileNotFoundError(f"'{ckpt_dir.path(number)}' does not exist: set "
-                              f'--config.deq.score_ckpt to one of {ckpt_dir.numbers()} (0 = newest).')
+                              f'--config.deq.score_ckpt to one of {ckpt_dir.numbers()} '
+                              '(0 = newest).')
     state, path = ckpt_dir.restore(number, state), ckpt_dir.path(number)
   else:
     state, path = checkpoints.restore_latest([ckpt_dir], state)
@@ -135,7 +136,8 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
     if train:
       (loss, bpd), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         step_rng, state.params, score_params, score_state, batch)
-      finite = jnp.logical_and(jnp.isfinite(loss), losses._all_finite(grads))  # pylint: disable=protected-access
+      all_finite = losses._all_finite  # pylint: disable=protected-access
+      finite = jnp.logical_and(jnp.isfinite(loss), all_finite(grads))
       updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
       new_ema = jax.tree_util.tree_map(lambda e, p: e * ema_rate + p * (1. - ema_rate),
@@ -178,7 +180,8 @@ def _log_to_file(deq_dir):
     if os.path.abspath(getattr(getattr(h, 'stream', None), 'name', '') or '') == target:
       return None
   handler = logging.StreamHandler(open(target, 'a'))
-  handler.setFormatter(logging.Formatter('%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
+  handler.setFormatter(logging.Formatter(
+    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
   root.addHandler(handler)
   if root.level > logging.INFO or root.level == logging.NOTSET:
     root.setLevel(logging.INFO)
