@@ -488,17 +488,14 @@ def _check_settings(eval_dir, config, is_main):
 def get_dequantize_fn(config, workdir, deq_folder):
   """dequantize_fn(rng, images in [0, 1]) -> (dequantized images in [0, 1], bpd correction (B,)).
 
-  Uniform dequantization as score_flow's evaluation: (x * 255 + u) / 256, u ~ U[0, 1), no
+  With eval.dequantizer, the Flow++ dequantizer trained by --mode train_deq (deq_lib.py);
+  otherwise uniform dequantization as score_flow's evaluation: (x * 255 + u) / 256, u ~ U[0, 1), no
   correction; flat toy data are used as they are.
   """
   import datasets  # pylint: disable=import-outside-toplevel
   if config.eval.dequantizer:
-    # Extension point (variational dequantization, score_flow): return the Flow++ dequantizer
-    # trained by train_deq in os.path.join(workdir, deq_folder), as
-    # dequantize_fn(rng, images) -> ((images * 255 + noise) / 256, -log q(noise | x) / (dim ln 2)).
-    raise NotImplementedError(
-      f'eval.dequantizer (the Flow++ dequantizer of {os.path.join(workdir, deq_folder)}) is not '
-      'built yet: set --config.eval.dequantizer=False for uniform dequantization.')
+    import deq_lib  # pylint: disable=import-outside-toplevel
+    return deq_lib.get_dequantize_fn(config, workdir, deq_folder)
   if datasets.is_toy(config):
     return lambda rng, x: (x, jnp.zeros(x.shape[:1], x.dtype))
 
@@ -890,8 +887,9 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
 
 
 def train_deq(config, workdir, deq_workdir):
-  """Train the Flow++ variational dequantizer for the score model of workdir."""
-  raise NotImplementedError('train_deq is being built')
+  """Train the Flow++ variational dequantizer for the score model of workdir (deq_lib.py)."""
+  import deq_lib  # pylint: disable=import-outside-toplevel
+  return deq_lib.train_deq(config, workdir, deq_workdir)
 
 
 def fid_stats(config, workdir):
