@@ -1,0 +1,293 @@
+"""Cost of the jitted loss-and-gradient step of orders 1, 2, 3: ours vs the original formulation.
+
+For each config and order: value_and_grad (wrt params) of the DSM loss, jitted; the XLA temp
+memory `jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes` and, for the tiny
+configs, the median wall time of `--repeats` calls after compilation. Orders 2 and 3 are reported
+as ratios to order 1 of the same formulation and config (measured within this run).
+
+Formulations:
+- ours: losses.get_sde_loss_fn (score_matching_losses).
+- seed: `seed_formulation`, the order-1/2/3 loss of LuChengTHU/mle_score_ode losses.py re-created
+  on current JAX with the same maths and the same autodiff structure: order 2 takes the score
+  and J v from one `jax.jvp`; order 3 takes `jax.grad` of <v, J v> with (J v, score) as aux.
+- naive (--formulations naive): separate passes (a score call, a separate jvp for J v and a
+  separate grad of <v, J v>) -- not what the original does; shows what sharing the primal buys.
+
+Full-size configs (--full cifar10_ddpmpp,cifar10_ncsnpp; off by default, ~6 min per config on
+2 CPU cores) are compile-only (no timing): abstract parameters (jax.eval_shape), batch
+--full-batch per device, formulation ours (the seed compiles to the same figures).
+
+  .venv/bin/python benchmarks/train_step.py [--quick] [--out runs/bench/train_step.md]
+  .venv/bin/python benchmarks/train_step.py --configs '' --full cifar10_ddpmpp,cifar10_ncsnpp
+"""
+import argparse
+import time
+
+import numpy as np
+
+import bench_common as bc  # also puts the repo root on sys.path
+import jax
+import jax.numpy as jnp
+
+import losses
+import sde_lib
+from models import utils as mutils
+from utils import batch_mul
+
+MiB = 2. ** 20
+
+
+# ------------------------------------------------------------------------------------------------
+# The original formulation (mle_score_ode losses.py get_sde_loss_fn), on current JAX.
+# ------------------------------------------------------------------------------------------------
+def seed_formulation(sde, model, train, reduce_mean=True, continuous=True,
+                     likelihood_weighting=True, importance_weighting=True, eps=1e-5,
+                     score_matching_order=1, naive=False):
+  """loss_fn(rng, params, states, batch) -> (loss, (new_state, loss1, loss2, loss3)).
+
+  The original's maths and autodiff structure, line by line (rng splits, Rademacher probe from
+  randint, order-1 term from the score of the order-2/3 pass, losses weighted 1, 1, 1). With
+  naive=True the score, J v and grad_x <v, J v> come from separate passes instead.
+  """
+  reduce_op = jnp.mean if reduce_mean else lambda *a, **k: 0.5 * jnp.sum(*a, **k)
+
+  def inner_prod(x, y):
+    x = x.reshape((x.shape[0], -1))
+    y = y.reshape((y.shape[0], -1))
+    return jnp.sum(x * y, axis=-1, keepdims=True)
+
+  def loss_fn(rng, params, states, batch):
+    score_fn = mutils.get_score_fn(sde, model, params, states, train=train, continuous=continuous,
+                                   return_state=True)
+    score_fn_div = mutils.get_score_fn(sde, model, params, states, train=train,
+                                       continuous=continuous, return_state=False)
+    data = batch['image']
+    b = data.shape[0]
+    rng, step_rng = jax.random.split(rng)
+    if likelihood_weighting and importance_weighting:
+      t = sde.sample_importance_weighted_time_for_likelihood(step_rng, (b,), eps=eps)
+    else:
+      t = jax.random.uniform(step_rng, (b,), minval=eps, maxval=sde.T)
+    rng, step_rng = jax.random.split(rng)
+    z = jax.random.normal(step_rng, data.shape)
+    mean, std = sde.marginal_prob(data, t)
+    perturbed_data = mean + batch_mul(std, z)
+    rng, step_rng = jax.random.split(rng)
+
+    if score_matching_order == 1:
+      rng, step_rng = jax.random.split(rng)
+      score, new_model_state = score_fn(perturbed_data, t, rng=step_rng)
+      losses_2 = jnp.zeros((b,))
+      losses_3 = jnp.zeros_like(losses_2)
+    else:
+      v = jax.random.randint(step_rng, data.shape, minval=0, maxval=2).astype(jnp.float32) * 2 - 1
+      rng, step_rng = jax.random.split(rng)
+      fn = lambda inputs: score_fn_div(inputs, t, rng=step_rng)
+      new_model_state = states
+      if score_matching_order == 2:
+        if naive:
+          score = fn(perturbed_data)
+          score_jvp = jax.jvp(fn, (perturbed_data,), (v,))[1]
+        else:
+          score, score_jvp = jax.jvp(fn, (perturbed_data,), (v,))
+      else:
+        def score_jvp_fn(x):
+          score, score_jvp = jax.jvp(fn, (x,), (v,))
+          return jnp.sum(v * score_jvp), (score_jvp, score)
+        if naive:
+          score = fn(perturbed_data)
+          score_jvp = jax.jvp(fn, (perturbed_data,), (v,))[1]
+          score_grad_div = jax.grad(lambda x: score_jvp_fn(x)[0])(perturbed_data)
+        else:
+          score_grad_div, (score_jvp, score) = jax.grad(score_jvp_fn, has_aux=True)(
+            perturbed_data)
+      dim = int(np.prod(data.shape[1:]))
+      score_fixed = jax.lax.stop_gradient(score)
+      std_2 = jnp.square(std).reshape((b, 1))
+      std_ = std.reshape((b, 1))
+      v_2 = inner_prod(v, v)
+      cond_score = z.reshape((b, dim)) + score_fixed.reshape((b, dim)) * std_
+      cond_score_v_prod_norm_square = jnp.square(inner_prod(cond_score, v))
+      # Frobenius:
+      frob = (score_jvp.reshape((b, dim)) * std_2 + v.reshape((b, dim))
+              - inner_prod(cond_score, v) * cond_score)
+      frob = reduce_op(jnp.square(frob) / float(dim), axis=-1)
+      # Trace:
+      score_div = inner_prod(score_jvp, v)
+      losses_2 = jnp.square((score_div * std_2 + v_2 - cond_score_v_prod_norm_square) / dim)
+      losses_2 = reduce_op(losses_2, axis=-1) + frob
+      losses_3 = jnp.zeros_like(losses_2)
+      if score_matching_order == 3:
+        score_div = jax.lax.stop_gradient(score_div)
+        score_jvp = jax.lax.stop_gradient(score_jvp)
+        losses_3 = (std_2 * std_ * score_grad_div.reshape((b, dim))
+                    + cond_score_v_prod_norm_square * cond_score
+                    - (std_2 * score_div + v_2) * cond_score
+                    - 2 * inner_prod(v, cond_score)
+                    * (std_2 * score_jvp.reshape((b, dim)) + v.reshape((b, dim))))
+        losses_3 = reduce_op(jnp.square(losses_3 / float(dim)), axis=-1)
+
+    if likelihood_weighting and not importance_weighting:
+      g2 = sde.sde(jnp.zeros_like(data), t)[1] ** 2
+      losses_1 = jnp.square(score + batch_mul(z, 1. / std))
+      losses_1 = reduce_op(losses_1.reshape((b, -1)), axis=-1) * g2
+    else:
+      losses_1 = reduce_op(jnp.square(batch_mul(score, std) + z).reshape((b, -1)), axis=-1)
+    loss1, loss2, loss3 = jnp.mean(losses_1), jnp.mean(losses_2), jnp.mean(losses_3)
+    return loss1 + loss2 + loss3, (new_model_state, loss1, loss2, loss3)
+
+  return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs.
+# ------------------------------------------------------------------------------------------------
+def full_config(name, batch):
+  if name == 'cifar10_ddpmpp':
+    from configs.vp import cifar10_ddpmpp_continuous as mod  # pylint: disable=C0415
+  else:
+    from configs.ve import cifar10_ncsnpp_continuous as mod  # pylint: disable=C0415
+  config = mod.get_config()
+  config.training.batch_size = batch
+  return config
+
+
+CONFIGS = {
+  'tiny_ddpmpp': 'configs/tiny/digits_ddpmpp.py',
+  'tiny_ncsnpp': 'configs/tiny/digits_ncsnpp.py',
+  'cifar10_ddpmpp': 'configs/vp/cifar10_ddpmpp_continuous.py',
+  'cifar10_ncsnpp': 'configs/ve/cifar10_ncsnpp_continuous.py',
+}
+
+
+def build_loss(formulation, sde, model, config, order):
+  t = config.training
+  kwargs = dict(reduce_mean=True, continuous=True, likelihood_weighting=t.likelihood_weighting,
+                importance_weighting=t.importance_weighting, eps=t.smallest_time,
+                score_matching_order=order)
+  if formulation == 'ours':
+    return losses.get_sde_loss_fn(sde, model, True, **kwargs)
+  return seed_formulation(sde, model, True, naive=formulation == 'naive', **kwargs)
+
+
+def grad_step(loss_fn):
+  """The benchmarked function: value_and_grad of the loss wrt params."""
+  def step(rng, params, states, batch):
+    return jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(rng, params, states, batch)
+  return jax.jit(step)
+
+
+def measure(config, formulation, order, timed, repeats, abstract):
+  """(compile seconds, temp bytes, GFLOP (XLA cost analysis), median step seconds or None,
+  all step times)."""
+  sde, _ = sde_lib.get_sde(config)
+  shape = (config.training.batch_size,) + mutils.get_data_shape(config)
+  rng = jax.random.PRNGKey(0)
+  if abstract:
+    model = mutils.get_model(config.model.name)(config=config)
+    variables = jax.eval_shape(
+      lambda: model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+                         jnp.zeros((1,) + shape[1:]), jnp.ones((1,)), train=False))
+    variables = dict(variables)
+    params = variables.pop('params')
+    states = variables
+    batch = {'image': jax.ShapeDtypeStruct(shape, jnp.float32)}
+  else:
+    model, states, params = mutils.init_model(rng, config)
+    batch = {'image': jax.random.uniform(jax.random.PRNGKey(1), shape, jnp.float32)}
+  step = grad_step(build_loss(formulation, sde, model, config, order))
+  start = time.perf_counter()
+  compiled = step.lower(rng, params, states, batch).compile()
+  compile_s = time.perf_counter() - start
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflop = float(cost.get('flops', 0.)) / 1e9 if cost else None
+  if not timed:
+    return compile_s, temp, gflop, None, []
+  med, times = bc.median_time(compiled, rng, params, states, batch, repeats=repeats)
+  return compile_s, temp, gflop, med, times
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default=bc.default_out('train_step.md'),
+                      help='table file (.md markdown or .csv)')
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny DDPM++ only, 5 repeats, no full-size configs')
+  parser.add_argument('--repeats', type=int, default=7, help='timed calls after compile (>= 5)')
+  parser.add_argument('--formulations', default='seed,ours',
+                      help='comma list of seed, ours, naive')
+  parser.add_argument('--configs', default='tiny_ddpmpp,tiny_ncsnpp',
+                      help='timed tiny configs: tiny_ddpmpp, tiny_ncsnpp')
+  parser.add_argument('--full', default='',
+                      help='compile-only full-size configs, e.g. cifar10_ddpmpp,cifar10_ncsnpp '
+                           '(off by default: order 3 alone compiles for ~4 min per config on 2 '
+                           'CPU cores)')
+  parser.add_argument('--full-batch', type=int, default=1, help='batch of the full-size configs')
+  parser.add_argument('--full-formulations', default='ours',
+                      help='formulations compiled for the full-size configs (seed gives the same '
+                           'program as ours; compiling it too doubles the time)')
+  parser.add_argument('--orders', default='1,2,3')
+  args = parser.parse_args()
+  if args.repeats < 5:
+    raise SystemExit('--repeats must be >= 5 (the median of at least 5 timed calls).')
+  formulations = [f for f in args.formulations.split(',') if f]
+  for f in formulations:
+    if f not in ('seed', 'ours', 'naive'):
+      raise SystemExit(f"Unknown formulation '{f}': use seed, ours, naive.")
+  orders = [int(o) for o in args.orders.split(',')]
+  if orders[0] != 1:
+    raise SystemExit('--orders must start with 1 (ratios are to order 1).')
+  tiny = [c for c in args.configs.split(',') if c]
+  full = [c for c in args.full.split(',') if c]
+  if args.quick:
+    tiny, full, args.repeats = ['tiny_ddpmpp'], [], 5
+
+  header = ['config', 'batch', 'formulation', 'order', 'compile s', 'step ms (median)',
+            'step ms (min)', 'time / order 1', 'temp MiB', 'temp / order 1', 'GFLOP',
+            'GFLOP / order 1']
+  rows = []
+  runs = [(c, False) for c in tiny] + [(c, True) for c in full]
+  for name, abstract in runs:
+    config = full_config(name, args.full_batch) if abstract else bc.tiny_config(name)
+    full_formulations = [f for f in args.full_formulations.split(',') if f]
+    for formulation in (full_formulations if abstract else formulations):
+      base = None
+      for order in orders:
+        compile_s, temp, gflop, med, times = measure(config, formulation, order, not abstract,
+                                                     args.repeats, abstract)
+        if order == 1:
+          base = (med, temp, gflop)
+        t_ratio = med / base[0] if med is not None else None
+        m_ratio = temp / base[1] if base[1] else None
+        f_ratio = gflop / base[2] if gflop and base[2] else None
+        row = [name, config.training.batch_size, formulation, order, compile_s,
+               None if med is None else med * 1e3, min(times) * 1e3 if times else None,
+               t_ratio, temp / MiB, m_ratio, gflop, f_ratio]
+        rows.append(row)
+        spread = '' if not times else ' (' + ', '.join(f'{x * 1e3:.0f}' for x in times) + ' ms)'
+        print(' | '.join(bc.fmt(c) for c in row) + spread, flush=True)
+
+  notes = [
+    'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
+    f'{args.repeats} calls after compile (block_until_ready); temp = XLA temp_size_in_bytes.',
+    'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '
+    "XLA cost_analysis()['flops'] of the compiled step (machine-independent).",
+    'seed = the original mle_score_ode loss re-created (benchmarks/train_step.py '
+    'seed_formulation); ours = losses.get_sde_loss_fn.',
+    'configs: ' + ', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs) + '; tiny configs pinned '
+    'to nf 32, ch_mult (1, 2), 1 res block, 16x16x3, batch 16.',
+  ]
+  if any(a for _, a in runs):
+    notes.append(f'full-size configs: compile only (no timing on CPU), batch {args.full_batch}, '
+                 'abstract params.')
+  text = bc.write_table(args.out, 'Train step: loss-and-gradient cost by order', header, rows,
+                        notes)
+  print()
+  print(text)
+  print(f'written to {args.out}')
+
+
+if __name__ == '__main__':
+  main()
