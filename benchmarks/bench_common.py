@@ -75,8 +75,8 @@ def markdown_table(title, header, rows, notes=()):
 
 
 def write_table(path, title, header, rows, notes=()):
-  """Write the table to `path`: CSV if it ends in .csv (machine and notes as # lines), else
-  markdown. Returns the markdown text (also printed by the scripts)."""
+  """Write the table to `path` (CSV if it ends in .csv, machine and notes as # lines; else
+  markdown) and print it as markdown. Returns the markdown text."""
   text = markdown_table(title, header, rows, notes)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -92,6 +92,9 @@ def write_table(path, title, header, rows, notes=()):
   else:
     with open(path, 'w') as f:
       f.write(text)
+  print()
+  print(text)
+  print(f'written to {path}')
   return text
 
 

@@ -193,11 +193,8 @@ def main():
   notes.append(f'times: {args.repeats} interleaved rounds after a warm-up solve, each one solve per '
                f'route and {args.eval_repeats} calls of each single evaluation (median).')
 
-  text = bc.write_table(args.out, 'Likelihood: jitted ODE solve vs scipy host loop', header, rows,
-                        notes)
-  print()
-  print(text)
-  print(f'written to {args.out}')
+  bc.write_table(args.out, 'Likelihood: jitted ODE solve vs scipy host loop', header, rows,
+                 notes)
 
 
 if __name__ == '__main__':

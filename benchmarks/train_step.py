@@ -282,11 +282,8 @@ def main():
   if any(a for _, a in runs):
     notes.append(f'full-size configs: compile only (no timing on CPU), batch {args.full_batch}, '
                  'abstract params.')
-  text = bc.write_table(args.out, 'Train step: loss-and-gradient cost by order', header, rows,
-                        notes)
-  print()
-  print(text)
-  print(f'written to {args.out}')
+  bc.write_table(args.out, 'Train step: loss-and-gradient cost by order', header, rows,
+                 notes)
 
 
 if __name__ == '__main__':
