@@ -121,6 +121,9 @@ def validate_config(config, mode='train', workdir=None):
   if config.optim.optimizer != 'Adam':
     raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
                      "set --config.optim.optimizer=Adam.")
+  if config.optim.get('schedule', 'constant') not in ('constant', 'cosine'):
+    raise ValueError(f"optim.schedule is '{config.optim.schedule}': set "
+                     "--config.optim.schedule=constant or cosine.")
   if t.nonfinite not in ('stop', 'skip'):
     raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
 

@@ -34,11 +34,29 @@ NONFINITE_MODES = ('stop', 'skip')
 MAX_EXACT_JACOBIAN_DIM = 2
 
 
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+def get_lr_schedule(config):
+  """lr * min(step / warmup, 1) as score_sde ('constant'); 'cosine' then decays it to 0 by
+  training.n_iters (half a cosine over the steps after the warm-up)."""
+  optim = config.optim
+  kind = optim.get('schedule', 'constant')
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f"Unknown learning-rate schedule {kind!r}: set config.optim.schedule to "
+                     "'constant' or 'cosine'.")
+  warmup = max(int(optim.warmup), 0)
+  if kind == 'constant':
+    return optax.linear_schedule(0., optim.lr, warmup) if warmup else optim.lr
+  return optax.warmup_cosine_decay_schedule(0., optim.lr, warmup,
+                                            max(int(config.training.n_iters), warmup + 1))
+
+
 def get_optimizer(config):
   """Adam as score_sde's flax.optim.Adam + optimization_manager, in optax.
 
-  - lr * min(step / warmup, 1) (step = updates applied so far, so the first update has lr 0, as
-    the original); a constant lr when warmup <= 0.
+  - the learning rate of get_lr_schedule: lr * min(step / warmup, 1) (step = updates applied so
+    far, so the first update has lr 0, as the original), constant after it or cosine-decayed.
   - beta1 = config.optim.beta1, beta2 = 0.999, eps added to sqrt of the corrected second moment.
   - decoupled weight decay as flax.optim.Adam: p <- p - lr * (adam_update + weight_decay * p),
     i.e. optax.adamw with the same (warmed-up) lr.
@@ -48,10 +66,7 @@ def get_optimizer(config):
   if optim.optimizer != 'Adam':
     raise ValueError(f"Optimizer '{optim.optimizer}' is not supported: set "
                      "config.optim.optimizer = 'Adam'.")
-  if optim.warmup > 0:
-    schedule = optax.linear_schedule(0., optim.lr, int(optim.warmup))
-  else:
-    schedule = optim.lr
+  schedule = get_lr_schedule(config)
   tx = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
                    weight_decay=optim.weight_decay)
   if optim.grad_clip >= 0:
@@ -78,6 +93,39 @@ def _flat(x):
 def _inner(x, y):
   """Per-example inner product of flat (B, D) arrays, kept as (B, 1)."""
   return jnp.sum(x * y, axis=-1, keepdims=True)
+
+
+def _basis(x):
+  eye = jnp.eye(x.shape[1], dtype=x.dtype)
+  return [jnp.broadcast_to(eye[i], x.shape) for i in range(x.shape[1])]
+
+
+def _jacobian(fn, x):
+  """fn(x) and its per-example Jacobian J[b, i, j] = d fn_i / d x_j: one primal pass (linearize),
+  one unrolled tangent per dimension (vmapped tangents compile to much slower XLA:CPU dots)."""
+  value, fn_jvp = jax.linearize(fn, x)
+  return value, jnp.stack([fn_jvp(e) for e in _basis(x)], axis=-1)
+
+
+def exact_derivatives(fn, x, order):
+  """(s, J, grad_x tr J) of a per-example map fn on flat (B, D) data, D <= 2, exactly.
+
+  Order 2 needs s and J (grad_x tr J is None). Order 3 takes grad_x tr J by forward-over-forward
+  mode in 1-D (s'' from one nested jvp: 3 streams) and by reverse mode over the linearized
+  Jacobian in 2-D (the cheapest of the options in benchmarks/train_step.py --toy).
+  """
+  if order == 2:
+    return _jacobian(fn, x) + (None,)
+  if x.shape[1] == 1:
+    one = jnp.ones_like(x)
+    (s, d1), (_, d2) = jax.jvp(lambda y: jax.jvp(fn, (y,), (one,)), (x,), (one,))
+    return s, d1[:, :, None], d2
+
+  def trace_fn(y):
+    s, jac = _jacobian(fn, y)
+    return jnp.sum(jnp.trace(jac, axis1=1, axis2=2)), (s, jac)
+  grad_tr, (s, jac) = jax.grad(trace_fn, has_aux=True)(x)
+  return s, jac, grad_tr
 
 
 def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_matching_order=1,
@@ -134,22 +182,9 @@ def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_mat
                - 2 * cv * (std2 * jvf + vf))
       losses3 = jnp.mean(jnp.square(resid / dim), axis=-1)
   else:
+    flat_fn = lambda y: _flat(fn(y.reshape(perturbed.shape)))
+    score, jac, grad_tr = exact_derivatives(flat_fn, _flat(perturbed), score_matching_order)
     eye = jnp.eye(dim, dtype=perturbed.dtype)
-    basis = jnp.broadcast_to(eye[:, None, :], (dim, batch_size, dim)).reshape(
-      (dim,) + perturbed.shape)
-
-    def jacobian(x):
-      # One primal pass, `dim` tangents: s and J[b, i, j] = d s_i / d x_j per example.
-      s, cols = jax.vmap(lambda e: jax.jvp(fn, (x,), (e,)), out_axes=(None, 0))(basis)
-      return s, jnp.moveaxis(cols.reshape((dim, batch_size, dim)), 0, -1)
-
-    if score_matching_order == 2:
-      score, jac = jacobian(perturbed)
-    else:
-      def trace_fn(x):
-        s, jac = jacobian(x)
-        return jnp.sum(jnp.trace(jac, axis1=1, axis2=2)), (s, jac)
-      grad_tr, (score, jac) = jax.grad(trace_fn, has_aux=True)(perturbed)
     std_ = std.reshape((batch_size, 1))
     std2 = jnp.square(std_)
     c = _flat(z) + _flat(jax.lax.stop_gradient(score)) * std_

@@ -197,12 +197,31 @@ def test_jvp_and_exact_losses_match_jacobian_formulas_2d(name):
                                                              np.mean(l3_all, 0)])), 5 * se + 1e-6)
 
 
-@pytest.mark.parametrize('exact', [False, True])
-def test_parameter_gradients_flow_only_through_the_highest_order_quantity(exact):
+@pytest.mark.parametrize('dim', [1, 2])
+def test_exact_derivatives_match_jacfwd(dim):
+  """s, J and grad_x tr J (forward-over-forward in 1-D, reverse over the Jacobian in 2-D) equal
+  per-example jacfwd derivatives of a nonlinear map."""
+  single, score_fn = _nonlinear_score(dim)
+  x, t, _ = _fixed_inputs(dim)
+  fn = lambda y: score_fn(y, t)[0]
+  for order in (2, 3):
+    s, jac, grad_tr = jax.jit(lambda y: losses.exact_derivatives(fn, y, order))(x)
+    want_jac = jax.vmap(jax.jacfwd(single))(x, t)
+    np.testing.assert_allclose(s, jax.vmap(single)(x, t), rtol=1e-6)
+    np.testing.assert_allclose(jac, want_jac, rtol=1e-5, atol=1e-6)
+    if order == 2:
+      assert grad_tr is None
+    else:
+      hess = jax.vmap(jax.jacfwd(jax.jacfwd(single)))(x, t)
+      np.testing.assert_allclose(grad_tr, jnp.einsum('biik->bk', hess), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('exact,dim', [(False, 2), (True, 1), (True, 2)])
+def test_parameter_gradients_flow_only_through_the_highest_order_quantity(exact, dim):
   """d loss_k / d theta equals the gradient of a reference in which everything of lower order
   (the score in c, J v, <v, J v>, J, tr J) is a constant taken at theta0: loss1 through s, loss2
   through J (v), loss3 through grad <v, J v> (grad tr J)."""
-  sde, dim, batch = VP(), 2, 3
+  sde, batch = VP(), 3
   data, t, z = _fixed_inputs(dim, batch)
   keys = jax.random.split(jax.random.PRNGKey(11), 3)
   theta0 = {'w': jax.random.normal(keys[0], (dim, dim)), 'u': jax.random.normal(keys[1], (dim, dim)),
@@ -371,6 +390,27 @@ def test_optimizer_matches_hand_computation(kw):
   if config.optim.warmup > 0:  # the first update has lr 0: nothing moved after step 0
     updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
     np.testing.assert_array_equal(updates['w'], 0.)
+
+
+@pytest.mark.parametrize('warmup', [0, 5])
+def test_cosine_schedule_closed_form(warmup):
+  """optim.schedule='cosine': lr * step / warmup, then lr (1 + cos(pi (step - warmup) /
+  (n_iters - warmup))) / 2, 0 at n_iters; 'constant' keeps lr after the warm-up."""
+  config = _optim_config(warmup=warmup, schedule='cosine')
+  config.training.n_iters = 25
+  fn = losses.get_lr_schedule(config)
+  for step in range(26):
+    if step < warmup:
+      want = 0.1 * step / warmup
+    else:
+      want = 0.05 * (1 + np.cos(np.pi * (step - warmup) / (25 - warmup)))
+    np.testing.assert_allclose(float(fn(step)), want, atol=1e-7)
+  config.optim.schedule = 'constant'
+  constant = losses.get_lr_schedule(config)  # a plain number without warm-up
+  np.testing.assert_allclose(float(constant(20) if callable(constant) else constant), 0.1)
+  config.optim.schedule = 'linear'
+  with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+    losses.get_optimizer(config)
 
 
 def test_optimizer_rejects_unknown_name():

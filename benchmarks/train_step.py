@@ -13,6 +13,13 @@ Formulations:
 - naive (--formulations naive): separate passes (a score call, a separate jvp for J v and a
   separate grad of <v, J v>) -- not what the original does; shows what sharing the primal buys.
 
+Toy MLP (--toy mog1d,checkerboard; on by default): the toy configs at batch 1000 with exact
+Jacobians and loss weights (1, 0.5, 0.1), formulation ours, each order-3 way of taking the exact
+derivatives (--toy-methods): 'ours' (losses.exact_derivatives: forward-over-forward in 1-D,
+reverse over the linearized Jacobian in 2-D), 'vmap' (the previous code: vmapped tangents for J,
+reverse mode over them), 'jet' (Taylor mode, jax.experimental.jet; in 2-D along e1, e2, e1 + e2),
+'fwdfwd' (nested jvps; in 2-D the three pairs (1,1), (1,2), (2,2)).
+
 Full-size configs (--full cifar10_ddpmpp,cifar10_ncsnpp; off by default, ~6 min per config on
 2 CPU cores) are compile-only (no timing): abstract parameters (jax.eval_shape), batch
 --full-batch per device, formulation ours (the seed compiles to the same figures).
@@ -140,8 +147,86 @@ def seed_formulation(sde, model, train, reduce_mean=True, continuous=True,
 
 
 # ------------------------------------------------------------------------------------------------
+# Ways of taking the exact derivatives of the toy losses (s, J, grad_x tr J), D <= 2.
+# ------------------------------------------------------------------------------------------------
+def _basis(x):
+  eye = jnp.eye(x.shape[1], dtype=x.dtype)
+  return [jnp.broadcast_to(eye[i], x.shape) for i in range(x.shape[1])]
+
+
+def _derivs_vmap(fn, x, order):
+  """The previous code: J from vmapped tangents, grad tr J by reverse mode over them."""
+  b, d = x.shape
+  basis = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype)[:, None, :], (d, b, d))
+
+  def jacobian(y):
+    s, cols = jax.vmap(lambda e: jax.jvp(fn, (y,), (e,)), out_axes=(None, 0))(basis)
+    return s, jnp.moveaxis(cols, 0, -1)
+
+  if order == 2:
+    return jacobian(x) + (None,)
+  grad_tr, (s, jac) = jax.grad(lambda y: (lambda s, j: (jnp.sum(jnp.trace(j, axis1=1, axis2=2)),
+                                                        (s, j)))(*jacobian(y)), has_aux=True)(x)
+  return s, jac, grad_tr
+
+
+def _hessian_trace_grad(h11, h12, h22, d):
+  """grad_x tr J from the second directional derivatives f''[e_a, e_b] (each (B, D))."""
+  if d == 1:
+    return h11
+  return jnp.stack([h11[:, 0] + h12[:, 1], h12[:, 0] + h22[:, 1]], -1)
+
+
+def _derivs_jet(fn, x, order):
+  """Taylor mode: one order-2 jet per direction (e1; or e1, e2, e1 + e2 by polarisation)."""
+  from jax.experimental import jet  # pylint: disable=import-outside-toplevel
+  if order == 2:
+    return losses.exact_derivatives(fn, x, 2)
+  d = x.shape[1]
+  dirs = _basis(x) + ([] if d == 1 else [jnp.ones_like(x)])
+  outs = [jet.jet(fn, (x,), ((u, jnp.zeros_like(x)),)) for u in dirs]
+  s = outs[0][0]
+  jac = jnp.stack([o[1][0] for o in outs[:d]], -1)
+  h = [o[1][1] for o in outs]
+  h12 = None if d == 1 else 0.5 * (h[2] - h[0] - h[1])
+  return s, jac, _hessian_trace_grad(h[0], h12, h[-1] if d == 2 else None, d)
+
+
+def _derivs_fwdfwd(fn, x, order):
+  """Forward over forward: one nested jvp per pair of directions."""
+  if order == 2:
+    return losses.exact_derivatives(fn, x, 2)
+  e = _basis(x)
+  d = x.shape[1]
+
+  def second(a, b):  # (s, J e_a, J e_b, f''[e_a, e_b])
+    (s, ja), (jb, hab) = jax.jvp(lambda y: jax.jvp(fn, (y,), (e[a],)), (x,), (e[b],))
+    return s, ja, jb, hab
+
+  s, j1, _, h11 = second(0, 0)
+  if d == 1:
+    return s, j1[:, :, None], h11
+  _, _, j2, h12 = second(0, 1)
+  h22 = second(1, 1)[3]
+  return s, jnp.stack([j1, j2], -1), _hessian_trace_grad(h11, h12, h22, d)
+
+
+DERIVATIVE_METHODS = {'ours': losses.exact_derivatives, 'vmap': _derivs_vmap, 'jet': _derivs_jet,
+                      'fwdfwd': _derivs_fwdfwd}
+
+
+# ------------------------------------------------------------------------------------------------
 # Configs.
 # ------------------------------------------------------------------------------------------------
+def toy_config(name, batch=1000):
+  """The demo's toy config (VE, exact Jacobians, loss weights (1, 0.5, 0.1)) at `batch`."""
+  # pylint: disable=import-outside-toplevel
+  from configs.toy import checkerboard_ve, mog1d_ve
+  config = {'mog1d': mog1d_ve, 'checkerboard': checkerboard_ve}[name].get_config()
+  config.training.batch_size = batch
+  return config
+
+
 def full_config(name, batch):
   if name == 'cifar10_ddpmpp':
     from configs.vp import cifar10_ddpmpp_continuous as mod  # pylint: disable=C0415
@@ -166,7 +251,8 @@ def build_loss(formulation, sde, model, config, order):
                 importance_weighting=t.importance_weighting, eps=t.smallest_time,
                 score_matching_order=order)
   if formulation == 'ours':
-    return losses.get_sde_loss_fn(sde, model, True, **kwargs)
+    return losses.get_sde_loss_fn(sde, model, True, loss_weights=tuple(t.loss_weights),
+                                  exact_jacobian=t.exact_jacobian, **kwargs)
   return seed_formulation(sde, model, True, naive=formulation == 'naive', **kwargs)
 
 
@@ -177,9 +263,18 @@ def grad_step(loss_fn):
   return jax.jit(step)
 
 
-def measure(config, formulation, order, timed, repeats, abstract):
+def measure(config, formulation, order, timed, repeats, abstract, method='ours'):
   """(compile seconds, temp bytes, GFLOP (XLA cost analysis), median step seconds or None,
-  all step times)."""
+  all step times). `method`: the DERIVATIVE_METHODS entry used by exact-Jacobian losses."""
+  saved = losses.exact_derivatives
+  losses.exact_derivatives = DERIVATIVE_METHODS[method]
+  try:
+    return _measure(config, formulation, order, timed, repeats, abstract)
+  finally:
+    losses.exact_derivatives = saved
+
+
+def _measure(config, formulation, order, timed, repeats, abstract):
   sde, _ = sde_lib.get_sde(config)
   shape = (config.training.batch_size,) + mutils.get_data_shape(config)
   rng = jax.random.PRNGKey(0)
@@ -220,6 +315,12 @@ def main():
                       help='comma list of seed, ours, naive')
   parser.add_argument('--configs', default='tiny_ddpmpp,tiny_ncsnpp',
                       help='timed tiny configs: tiny_ddpmpp, tiny_ncsnpp')
+  parser.add_argument('--toy', default='mog1d,checkerboard',
+                      help="timed toy MLP configs at batch 1000 (exact Jacobians): mog1d, "
+                           "checkerboard; '' for none")
+  parser.add_argument('--toy-methods', default='ours,vmap,jet,fwdfwd',
+                      help='ways of taking the exact derivatives (order 3; order 2 uses ours '
+                           'except for vmap): ' + ', '.join(DERIVATIVE_METHODS))
   parser.add_argument('--full', default='',
                       help='compile-only full-size configs, e.g. cifar10_ddpmpp,cifar10_ncsnpp '
                            '(off by default: order 3 alone compiles for ~4 min per config on 2 '
@@ -241,42 +342,63 @@ def main():
     raise SystemExit('--orders must start with 1 (ratios are to order 1).')
   tiny = [c for c in args.configs.split(',') if c]
   full = [c for c in args.full.split(',') if c]
+  toys = [c for c in args.toy.split(',') if c]
+  toy_methods = [m for m in args.toy_methods.split(',') if m]
+  for m in toy_methods:
+    if m not in DERIVATIVE_METHODS:
+      raise SystemExit(f"Unknown toy method '{m}': use {', '.join(DERIVATIVE_METHODS)}.")
   if args.quick:
     tiny, full, args.repeats = ['tiny_ddpmpp'], [], 5
+    toys, toy_methods = ['mog1d'], ['ours']
 
   header = ['config', 'batch', 'formulation', 'order', 'compile s', 'step ms (median)',
             'step ms (min)', 'time / order 1', 'temp MiB', 'temp / order 1', 'GFLOP',
             'GFLOP / order 1']
   rows = []
-  runs = [(c, False) for c in tiny] + [(c, True) for c in full]
+  runs = ([(c, False) for c in tiny] + [(c, True) for c in full]
+          + [(f'toy_{c}', False) for c in toys])
   for name, abstract in runs:
-    config = full_config(name, args.full_batch) if abstract else bc.tiny_config(name)
+    toy = name.startswith('toy_')
+    if toy:
+      config = toy_config(name[4:])
+    else:
+      config = full_config(name, args.full_batch) if abstract else bc.tiny_config(name)
     full_formulations = [f for f in args.full_formulations.split(',') if f]
-    for formulation in (full_formulations if abstract else formulations):
-      base = None
-      for order in orders:
-        compile_s, temp, gflop, med, times = measure(config, formulation, order, not abstract,
-                                                     args.repeats, abstract)
-        if order == 1:
-          base = (med, temp, gflop)
-        t_ratio = med / base[0] if med is not None else None
-        m_ratio = temp / base[1] if base[1] else None
-        f_ratio = gflop / base[2] if gflop and base[2] else None
-        row = [name, config.training.batch_size, formulation, order, compile_s,
-               None if med is None else med * 1e3, min(times) * 1e3 if times else None,
-               t_ratio, temp / MiB, m_ratio, gflop, f_ratio]
-        rows.append(row)
-        spread = '' if not times else ' (' + ', '.join(f'{x * 1e3:.0f}' for x in times) + ' ms)'
-        print(' | '.join(bc.fmt(c) for c in row) + spread, flush=True)
+    if toy:  # one order-1 baseline; order 2 has one way besides the old one (J alone)
+      plan = [('ours', 'ours', 1)] + [('ours', m, o) for m in toy_methods for o in orders[1:]
+                                      if o == 3 or m in ('ours', 'vmap')]
+    else:
+      plan = [(f, 'ours', o) for f in (full_formulations if abstract else formulations)
+              for o in orders]
+    base = None
+    for formulation, method, order in plan:
+      compile_s, temp, gflop, med, times = measure(config, formulation, order, not abstract,
+                                                   args.repeats, abstract, method)
+      if toy and order > 1:
+        formulation = f'ours ({method})'
+      if order == 1:
+        base = (med, temp, gflop)
+      t_ratio = med / base[0] if med is not None else None
+      m_ratio = temp / base[1] if base[1] else None
+      f_ratio = gflop / base[2] if gflop and base[2] else None
+      row = [name, config.training.batch_size, formulation, order, compile_s,
+             None if med is None else med * 1e3, min(times) * 1e3 if times else None,
+             t_ratio, temp / MiB, m_ratio, gflop, f_ratio]
+      rows.append(row)
+      spread = '' if not times else ' (' + ', '.join(f'{x * 1e3:.0f}' for x in times) + ' ms)'
+      print(' | '.join(bc.fmt(c) for c in row) + spread, flush=True)
 
   notes = [
+    'toy_*: the toy MLP (configs/toy/*_ve.py) at batch 1000 with exact Jacobians, one order-1 '
+    'baseline; ours (M) = the exact derivatives taken by method M (see the module docstring).',
     'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
     f'{args.repeats} calls after compile (block_until_ready); temp = XLA temp_size_in_bytes.',
     'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '
     "XLA cost_analysis()['flops'] of the compiled step (machine-independent).",
     'seed = the original mle_score_ode loss re-created (benchmarks/train_step.py '
     'seed_formulation); ours = losses.get_sde_loss_fn.',
-    'configs: ' + ', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs) + '; tiny configs pinned '
+    'configs: ' + ', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs if c in CONFIGS)
+    + '; tiny configs pinned '
     'to nf 32, ch_mult (1, 2), 1 res block, 16x16x3, batch 16.',
   ]
   if any(a for _, a in runs):

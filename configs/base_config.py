@@ -125,5 +125,6 @@ def get_base_config():
   optim.beta1 = 0.9
   optim.eps = 1e-8
   optim.warmup = 5000
+  optim.schedule = 'constant'  # NEW: or 'cosine' (decay to 0 at training.n_iters after the warm-up)
   optim.grad_clip = 1.
   return config
