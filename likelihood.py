@@ -27,6 +27,13 @@ import utils
 from models import utils as mutils
 
 EXACT_DIV_MAX_DIM = 16  # exact divergence unrolls one jvp per dimension
+EXACT_DIV_AUTO_DIM = 2  # configs of data up to this dim (the toys) always use the exact divergence
+
+
+def use_exact_div(config):
+  """Whether evaluation from a config takes the exact divergence: data of dim <= 2 (toy.py's
+  likelihoods were exact; a one-probe Hutchinson estimate would only add noise there)."""
+  return int(np.prod(mutils.get_data_shape(config))) <= EXACT_DIV_AUTO_DIM
 METHODS = ('jax', 'scipy')
 
 

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import likelihood
 import ode_solver
 import utils
 from models import utils as mutils
 
 EXACT_DIV_MAX_DIM = 16  # exact divergence unrolls one jvp per dimension (as likelihood.py)
-EXACT_DIV_AUTO_DIM = 2  # the config route uses the exact divergence up to this dim (toy data)
 DEFAULT_NT = 100  # the original's NUM_TIMEPOINTS
 DIAGNOSTICS = ('gap', 'score_vs_normal', 'ode_vs_normal', 'div_vs_normal', 'grad_div_vs_normal')
 
@@ -185,11 +185,10 @@ def get_ode_score_fn(sde, model, nt=DEFAULT_NT, eps=1e-5, rtol=1e-5, atol=1e-5,
 def ode_score_kwargs_from_config(config):
   """get_ode_score_fn's keyword arguments from a config: config.eval.ode_score_nt, rtol, atol,
   hutchinson_type; eps = config.training.smallest_time; continuous = config.training.continuous;
-  the exact divergence when the data dim is <= EXACT_DIV_AUTO_DIM (the toy data)."""
-  dim = int(np.prod(mutils.get_data_shape(config)))
+  the exact divergence for data of dim <= 2 (likelihood.use_exact_div)."""
   return dict(nt=int(config.eval.ode_score_nt), eps=float(config.training.smallest_time),
               rtol=float(config.eval.rtol), atol=float(config.eval.atol),
-              hutchinson_type=config.eval.hutchinson_type, exact_div=dim <= EXACT_DIV_AUTO_DIM,
+              hutchinson_type=config.eval.hutchinson_type, exact_div=likelihood.use_exact_div(config),
               continuous=bool(config.training.get('continuous', True)))
 
 

@@ -275,7 +275,8 @@ def test_wait_for_checkpoint(trained, tmp_path):
 
 def test_toy_batch_part_reports_nats():
   """Flat toy data: the bits/dim part also returns the NLL in nats (bpd = nll / (dim ln 2), no
-  8-bit offset) and the data are not dequantized."""
+  8-bit offset), the data are not dequantized, and the divergence is exact (no Hutchinson probe:
+  the NLL does not depend on the key)."""
   import jax  # pylint: disable=import-outside-toplevel
   import datasets  # pylint: disable=import-outside-toplevel
   import run_lib  # pylint: disable=import-outside-toplevel
@@ -294,6 +295,9 @@ def test_toy_batch_part_reports_nats():
   assert set(out) == {'bpd', 'nll', 'nfe'} and int(out['nfe']) > 0
   assert np.isfinite(out['nll']).all()
   np.testing.assert_allclose(out['bpd'], np.asarray(out['nll']) / (2 * np.log(2.)), rtol=1e-5)
+  again = part.fn(jax.random.PRNGKey(3), state.params_ema, state.model_state,
+                  {'image': deq_x, 'deq_bpd': corr})
+  np.testing.assert_array_equal(again['nll'], out['nll'])
 
 
 def test_toy_eval_with_ode_score(tmp_path):

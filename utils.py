@@ -1,6 +1,39 @@
 """Small helpers shared by losses, likelihoods and samplers."""
+import contextlib
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+  """Send what native code writes to stderr (file descriptor 2) to /dev/null for a while;
+  Python exceptions still propagate and print once it is restored."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def import_tensorflow():
+  """TensorFlow for data and Inception only, imported quietly (its CUDA probe, oneDNN and absl
+  start-up lines are not the user's business; TF_CPP_MIN_LOG_LEVEL no longer silences them) and
+  kept off the GPUs (JAX owns them)."""
+  with quiet_native_stderr():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except (RuntimeError, ValueError):  # TF already initialised its devices; nothing to do.
+      pass
+  return tf
 
 
 def batch_mul(a, b):
@@ -35,15 +68,13 @@ def get_exact_value_div_fn(fn):
   """Exact divergence by one jvp per input dimension (for low-dimensional data only)."""
   def value_div_fn(x, t):
     flat = x.reshape((x.shape[0], -1))
-    dim = flat.shape[1]
-    value = fn(x, t)
+    value, fn_jvp = jax.linearize(lambda y: fn(y, t), x)  # one primal pass for every tangent
 
     def diag(i):
       basis = jnp.zeros_like(flat).at[:, i].set(1.).reshape(x.shape)
-      _, jvp = jax.jvp(lambda y: fn(y, t), (x,), (basis,))
-      return jvp.reshape(flat.shape)[:, i]
+      return fn_jvp(basis).reshape(flat.shape)[:, i]
 
-    div = sum(diag(i) for i in range(dim))
+    div = sum(diag(i) for i in range(flat.shape[1]))
     return value, div
   return value_div_fn
 
