@@ -25,6 +25,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 
 PREFIX = 'checkpoint'
@@ -255,8 +256,9 @@ def restore_raw(step_dir, sharding):
   ValueError if its arrays do not match the CRC32 in its meta item."""
   ckptr = ocp.StandardCheckpointer()
   item_dir = os.path.join(os.path.abspath(step_dir), 'state')
-  meta = ckptr.metadata(item_dir)
-  meta = getattr(meta, 'item_metadata', meta)
+  # The item's tree metadata (the checkpointer's own metadata() looks for a step-level file the
+  # item folder does not have, and warns).
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
   meta = getattr(meta, 'tree', meta)
   abstract = jax.tree_util.tree_map(
     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)

@@ -22,13 +22,12 @@ import jax
 import numpy as np
 from scipy import integrate
 from scipy import special
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-try:  # Keep TF off the accelerators: JAX owns them.
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF already initialised its devices; nothing to do.
-  pass
+import utils
+
+tf = utils.import_tensorflow()
+with utils.quiet_native_stderr():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
 TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')

@@ -20,12 +20,10 @@ import os
 from absl import logging
 import numpy as np
 import scipy.special
-import tensorflow as tf
 
-try:  # Keep TF off the GPUs (JAX owns them); fails harmlessly if TF already initialised them.
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):  # pragma: no cover
-  pass
+import utils
+
+tf = utils.import_tensorflow()
 
 INCEPTION_TFHUB = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
 INCEPTION_OUTPUT = 'logits'

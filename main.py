@@ -165,8 +165,8 @@ def main(argv):
     fail(e)
 
   try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.experimental.set_visible_devices([], 'GPU')
+    import utils  # pylint: disable=import-outside-toplevel
+    utils.import_tensorflow()
   except ImportError:
     pass
   import run_lib  # pylint: disable=import-outside-toplevel
