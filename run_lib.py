@@ -238,8 +238,11 @@ def resume_data(config, train_ds, eval_ds, step):
   return iter(train_ds), iter(eval_ds)
 
 
-def train(config, workdir):
+def train(config, workdir, progress_desc='train', progress_position=None):
   """Runs the training pipeline; resumes from workdir's latest good checkpoint if any.
+
+  progress_desc / progress_position: the label and terminal row of the tqdm bar (callers that
+  train several stages side by side give each its own row).
 
   Without a checkpoint in workdir and with config.training.restore_from set, fine-tunes from that
   checkpoint (ours or a legacy score_sde / score_flow msgpack): its params, EMA params and model
@@ -309,7 +312,8 @@ def train(config, workdir):
                  initial_step, jax.device_count(), jax.process_count(), t.batch_size)
   step = initial_step
   tic = time.time()
-  progress = tqdm.tqdm(total=num_train_steps, initial=initial_step, desc='train', unit='step',
+  progress = tqdm.tqdm(total=num_train_steps, initial=initial_step, desc=progress_desc, unit='step',
+                       position=progress_position, dynamic_ncols=True,
                        disable=not is_main or not t.get('progress_bar', True), leave=False)
   while step < num_train_steps:
     batch = global_batch(host_batch(train_iter, scaler), mesh)
@@ -530,7 +534,8 @@ def get_batch_parts(config, sde, model, inverse_scaler):
       method = str(e.likelihood_solver).lower()
       lik_fn = likelihood.get_likelihood_fn(
         sde, model, inverse_scaler, hutchinson_type=e.hutchinson_type, rtol=e.rtol, atol=e.atol,
-        method=method, eps=eps, data_is_images=images, return_nll=True)
+        method=method, eps=eps, exact_div=likelihood.use_exact_div(config), data_is_images=images,
+        return_nll=True)
 
       def bpd_fn(rng, params, model_state, batch):
         data = batch['image'] if method == 'jax' else _host(batch['image'])

@@ -1,304 +1,357 @@
 """The paper's synthetic experiment on a CPU (`make demo`).
 
-For each toy dataset: train a first-order score model, fine-tune it from that checkpoint with
-first (the fair baseline: the same run continued equally long), second and third-order DSM, and
-evaluate each by the exact probability-flow ODE NLL (exact divergence) on fresh samples, against
-the data's true NLL. Everything goes through the code CIFAR-10 uses (run_lib.train with
-training.restore_from, losses, sde_lib, likelihood, sampling). Writes under --workdir:
-results.csv / results.md (dataset, order, steps, nll, true_nll, gap), density_<dataset>.png,
-samples_<dataset>.png (2-D), and one training workdir per stage. Rerunning resumes: finished
-stages and evaluations are read back.
+For each toy dataset (1-D mixture of Gaussians, 2-D checkerboard; VE as the original toy code):
+train a first-order score model, fine-tune it from that checkpoint with first (the fair baseline:
+the same run continued equally long), second and third-order DSM under the same steps, batch,
+learning-rate schedule and EMA, and evaluate each by its exact probability-flow ODE NLL (exact
+divergence, RK45 at 1e-5) on fresh samples, against the true NLL of the same samples. Every stage
+goes through the code CIFAR-10 uses (run_lib.train with training.restore_from, losses, sde_lib,
+likelihood). Independent stages run side by side in --jobs processes (one XLA thread each).
+
+Writes under --workdir: results.csv / results.md (one row per dataset and order),
+density_<dataset>.png (Figure 1: data, first- and third-order ODE densities) and one training
+workdir per stage. Rerunning resumes: finished stages and evaluations are read back.
 """
+import concurrent.futures as cf
 import csv
 import json
-import logging
+import multiprocessing
 import os
 import sys
 import time
 
-from absl import app, flags
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import datasets  # pylint: disable=wrong-import-position
-import likelihood  # pylint: disable=wrong-import-position
-import ode_score  # pylint: disable=wrong-import-position
-import run_lib  # pylint: disable=wrong-import-position
-import sampling  # pylint: disable=wrong-import-position
-import sde_lib  # pylint: disable=wrong-import-position
-from configs.toy import checkerboard_ve, checkerboard_vp, mog1d_ve, mog1d_vp  # pylint: disable=wrong-import-position
-from models import utils as mutils  # pylint: disable=wrong-import-position
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import tqdm  # pylint: disable=wrong-import-position
 
-CONFIGS = {('mog1d', 've'): mog1d_ve, ('mog1d', 'vp'): mog1d_vp,
-           ('checkerboard', 've'): checkerboard_ve, ('checkerboard', 'vp'): checkerboard_vp}
-# The plotted window and the density grid of each dataset.
+import datasets  # pylint: disable=wrong-import-position
+
+DATASETS = {'mog1d': 'MOG1D', 'checkerboard': 'CHECKERBOARD'}
+# The plotted window of each dataset (the density grid spans it).
 WINDOWS = {'mog1d': (-1.3, 1.3), 'checkerboard': (-4.5, 4.5)}
+# Relative cost of a step by (dim, order) at batch 1000 (benchmarks/train_step.py --toy), used
+# only to start the longest stages first.
+STEP_COST = {(1, 1): 1., (1, 2): 2.4, (1, 3): 4.2, (2, 1): 1., (2, 2): 3.6, (2, 3): 7.3}
+PLOTTED_ORDERS = (1, 3)
+# Each dataset's budget (README, "What each lever did"): the 2-D data gain from more, smaller
+# batches; the 1-D third order from larger ones.
+PROTOCOL = {'mog1d': dict(batch_size=1000, base_steps=3000, finetune_steps=2000),
+            'checkerboard': dict(batch_size=500, base_steps=4000, finetune_steps=3000)}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/demo', 'Folder of the whole demo (stages, figures, table).')
-flags.DEFINE_list('datasets', ['mog1d'], 'Toy datasets: mog1d, checkerboard (slower).')
+flags.DEFINE_list('datasets', ['mog1d', 'checkerboard'], 'Toy datasets: mog1d, checkerboard.')
 flags.DEFINE_enum('sde', 've', ['ve', 'vp'], 'VE (the original toy code) or VP.')
-flags.DEFINE_list('orders', ['1', '2', '3'], 'Fine-tuning orders.')
-flags.DEFINE_integer('base_steps', 3000, 'First-order training steps before fine-tuning.')
-flags.DEFINE_integer('finetune_steps', 1500, 'Fine-tuning steps (every order, the same).')
-flags.DEFINE_integer('batch_size', 1000, 'Training batch (the original: 5000).')
-flags.DEFINE_float('finetune_lr', 1e-4, 'Learning rate of the fine-tuning stages (0: the config\'s '
-                   '1e-3, as the base run).')
-flags.DEFINE_integer('eval_points', 5000, 'Fresh samples for the NLL of each model.')
-flags.DEFINE_integer('grid', 600, 'Density grid points (per axis for 2-D data: grid // 6).')
+flags.DEFINE_list('orders', ['1', '2', '3'], 'Fine-tuning orders (1 is the baseline).')
+flags.DEFINE_integer('base_steps', None, 'First-order training steps before fine-tuning '
+                     '(default: the dataset\'s, see PROTOCOL).')
+flags.DEFINE_integer('finetune_steps', None, 'Fine-tuning steps, every order the same (default: '
+                     'the dataset\'s).')
+flags.DEFINE_integer('batch_size', None, 'Training batch of every stage (default: the dataset\'s; '
+                     'the original: 5000).')
+flags.DEFINE_float('finetune_lr', 3e-4, 'Peak learning rate of the fine-tuning stages (the base '
+                   'run keeps the config\'s 1e-3).')
+flags.DEFINE_enum('finetune_schedule', 'cosine', ['constant', 'cosine'],
+                  'Learning-rate schedule of the fine-tuning stages (config.optim.schedule).')
+flags.DEFINE_list('loss_weights', ['1', '0.5', '0.1'],
+                  'Weights of the order 1/2/3 terms (the original toy code: 1, 0.5, 0.1).')
+flags.DEFINE_integer('eval_points', 10_000, 'Fresh samples for the NLL of each model.')
+flags.DEFINE_integer('grid', 600, 'Density grid points (per axis for 2-D data: grid // 10).')
 flags.DEFINE_integer('seed', 0, 'Seed of training and of the evaluation samples.')
-flags.DEFINE_integer('gap_points', 2000, 'Fresh samples for the ODE-score gap (issue 9).')
-flags.DEFINE_integer('gap_nt', 20, 'Times at which the ODE-score gap is read.')
+flags.DEFINE_integer('jobs', 2, 'Stages trained side by side (processes, one XLA thread each).')
 
 
-def stage_config(dataset, order, steps, restore_from=''):
-  config = CONFIGS[(dataset, FLAGS.sde)].get_config()
-  config.seed = FLAGS.seed
+# ------------------------------------------------------------------------------------------------
+# One stage (runs in a worker process)
+# ------------------------------------------------------------------------------------------------
+
+def stage_config(opts, dataset, order, steps, restore_from=''):
+  """The toy config of one stage: opts = dataset_opts(dataset)."""
+  from configs.toy import checkerboard_ve, checkerboard_vp, mog1d_ve, mog1d_vp  # pylint: disable=import-outside-toplevel
+  module = {('mog1d', 've'): mog1d_ve, ('mog1d', 'vp'): mog1d_vp,
+            ('checkerboard', 've'): checkerboard_ve, ('checkerboard', 'vp'): checkerboard_vp}
+  config = module[(dataset, opts['sde'])].get_config()
+  config.seed = opts['seed']
   t = config.training
   t.score_matching_order = order
   t.n_iters = steps
-  t.batch_size = FLAGS.batch_size
+  t.batch_size = opts['batch_size']
   t.restore_from = restore_from
+  t.loss_weights = tuple(float(w) for w in opts['loss_weights'])
+  t.n_jitted_steps = next(k for k in (10, 5, 2, 1) if steps % k == 0)
   t.snapshot_freq = steps
-  t.snapshot_freq_for_preemption = min(250, steps)
+  t.snapshot_freq_for_preemption = max(t.n_jitted_steps, min(500, steps) // t.n_jitted_steps
+                                       * t.n_jitted_steps)
   t.eval_freq = steps
-  t.log_freq = min(500, steps)
+  t.log_freq = steps
   t.snapshot_sampling = False
-  if restore_from and FLAGS.finetune_lr > 0:
-    config.optim.lr = FLAGS.finetune_lr
+  if restore_from:
+    config.optim.lr = opts['finetune_lr']
+    config.optim.schedule = opts['finetune_schedule']
   return config
 
 
-def train_stage(config, workdir):
-  """run_lib.train (resumes, or returns at once when the stage is finished) -> EMA params."""
-  print(f'  python main.py --config configs/toy/{config.data.dataset.lower()}_{FLAGS.sde}.py '
-        f'--workdir {workdir} --mode train '
-        f'--config.training.score_matching_order={config.training.score_matching_order} '
-        f'--config.training.n_iters={config.training.n_iters}'
-        + (f' --config.training.restore_from={config.training.restore_from}'
-           if config.training.restore_from else ''), flush=True)
-  state = run_lib.train(config, workdir)
-  return state.params_ema, state.model_state
-
-
-def nll_fn(config):
-  """Exact-divergence ODE NLL (nats per example) of flat data at rtol = atol = 1e-5."""
-  sde, eps = sde_lib.get_sde(config)
-  model = mutils.get_model(config.model.name)(config=config)
-  fn = likelihood.get_likelihood_fn(sde, model, None, rtol=config.eval.rtol, atol=config.eval.atol,
-                                    eps=eps, exact_div=True, data_is_images=False,
-                                    return_nll=True)
-
-  def nll(params, model_state, x, chunk=5000):
-    out, nfe = [], []
-    for i in range(0, len(x), chunk):
-      _, _, n, value = fn(jax.random.PRNGKey(0), params, model_state, x[i:i + chunk])
-      out.append(np.asarray(value))
-      nfe.append(int(n))
-    return np.concatenate(out), max(nfe)
-
-  return nll
-
-
-def grid_points(dataset):
+def grid_points(dataset, grid):
   lo, hi = WINDOWS[dataset]
   if dataset == 'mog1d':
-    return np.linspace(lo, hi, FLAGS.grid, dtype=np.float32)[:, None]
-  axis = np.linspace(lo, hi, FLAGS.grid // 6, dtype=np.float32)
+    return np.linspace(lo, hi, grid, dtype=np.float32)[:, None]
+  axis = np.linspace(lo, hi, grid // 10, dtype=np.float32)
   return np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
 
 
-def evaluate_stage(dataset, order, steps, config, params, model_state, cache):
-  """NLL on fresh samples and the density on a grid, cached as json + npz in the stage folder."""
-  if os.path.exists(cache + '.json'):
+def eval_points(dataset, opts):
+  return datasets.sample_toy(DATASETS[dataset], 10_000 + opts['seed'], opts['eval_points'])
+
+
+def exact_nll(config, params, model_state, x, chunk=5000):
+  """(NLL per point in nats, max NFE): exact-divergence ODE likelihood at the config's rtol/atol."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import likelihood  # pylint: disable=import-outside-toplevel
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  sde, eps = sde_lib.get_sde(config)
+  model = mutils.get_model(config.model.name)(config=config)
+  fn = jax.jit(likelihood.get_likelihood_fn(
+    sde, model, None, rtol=config.eval.rtol, atol=config.eval.atol, eps=eps,
+    exact_div=likelihood.use_exact_div(config), data_is_images=False, return_nll=True))
+  out, nfe = [], 0
+  for i in range(0, len(x), chunk):
+    _, _, n, value = fn(jax.random.PRNGKey(0), params, model_state, x[i:i + chunk])
+    out.append(np.asarray(value, np.float64))
+    nfe = max(nfe, int(n))
+  return np.concatenate(out), nfe
+
+
+def run_stage(stage, slot):
+  """Train one stage (resumable) and, for fine-tuning stages, evaluate it; cached in its folder."""
+  import run_lib  # pylint: disable=import-outside-toplevel
+  dataset, order, kind, opts = stage['dataset'], stage['order'], stage['kind'], stage['opts']
+  workdir = stage['workdir']
+  cache = os.path.join(workdir, 'eval')
+  if kind == 'finetune' and os.path.exists(cache + '.json'):
     with open(cache + '.json') as f:
-      return json.load(f), np.load(cache + '.npz')['logp']
-  name = config.data.dataset
-  x = datasets.sample_toy(name, 10_000 + FLAGS.seed, FLAGS.eval_points)
-  nll = nll_fn(config)
+      return json.load(f)
+  config = stage_config(opts, dataset, order, stage['steps'], stage['restore_from'])
   tic = time.time()
-  values, nfe = nll(params, model_state, x)
-  grid_nll, _ = nll(params, model_state, grid_points(dataset))
-  true_nll = datasets.toy_true_nll(name)
-  row = {'dataset': dataset, 'order': order, 'steps': steps, 'nll': float(values.mean()),
-         'nll_stderr': float(values.std() / np.sqrt(len(values))), 'true_nll': true_nll,
-         'gap': float(values.mean()) - true_nll, 'nfe': nfe, 'eval_s': time.time() - tic}
-  np.savez(cache + '.npz', logp=-grid_nll, nll=values)
-  with open(cache + '.json', 'w') as f:
-    json.dump(row, f)
-  return row, -grid_nll
+  state = run_lib.train(config, workdir, progress_desc=f'{dataset} {stage["name"]}',
+                        progress_position=slot)
+  row = {'train_s': time.time() - tic}
+  if kind == 'finetune':
+    tic = time.time()
+    x = eval_points(dataset, opts)
+    nll, nfe = exact_nll(config, state.params_ema, state.model_state, x)
+    grid_logp = np.zeros(0)
+    if order in PLOTTED_ORDERS:
+      grid_logp = -exact_nll(config, state.params_ema, state.model_state,
+                             grid_points(dataset, opts['grid']))[0]
+    np.savez(cache + '.npz', nll=nll, grid_logp=grid_logp)
+    row.update(dataset=dataset, order=order, steps=opts['base_steps'] + opts['finetune_steps'],
+               nfe=nfe, eval_s=time.time() - tic)
+    with open(cache + '.json', 'w') as f:
+      json.dump(row, f)
+  return row
 
 
-def gap_stage(config, params, model_state, cache):
-  """g^2 E|grad log p_t^ODE - s_theta|^2 at gap_nt times on fresh samples (cached npz)."""
-  if os.path.exists(cache):
-    return dict(np.load(cache))
-  sde, eps = sde_lib.get_sde(config)
-  model = mutils.get_model(config.model.name)(config=config)
-  fn = jax.jit(ode_score.get_ode_score_fn(sde, model, nt=FLAGS.gap_nt, eps=eps,
-                                          rtol=config.eval.rtol, atol=config.eval.atol,
-                                          exact_div=True))
-  x = datasets.sample_toy(config.data.dataset, 20_000 + FLAGS.seed, FLAGS.gap_points)
-  out = {k: np.asarray(v) for k, v in fn(jax.random.PRNGKey(0), params, model_state, x).items()}
-  np.savez(cache, **out)
-  return out
+def _init_worker(lock):
+  """One XLA thread per worker (the workers share the cores) and a shared tqdm lock."""
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
+                             'false intra_op_parallelism_threads=1').strip()
+  tqdm.tqdm.set_lock(lock)
+  logging.set_verbosity(logging.WARNING)
 
 
-def sample_stage(config, params, model_state, cache, n=2000):
-  """ODE samples of a 2-D model (cached)."""
-  if os.path.exists(cache):
-    return np.load(cache)['samples']
-  sde, eps = sde_lib.get_sde(config)
-  model = mutils.get_model(config.model.name)(config=config)
-  fn = sampling.get_sampling_fn(config, sde, model, (n, config.data.dim),
-                                datasets.get_data_inverse_scaler(config), eps)
-  samples = np.asarray(fn(jax.random.PRNGKey(FLAGS.seed), params, model_state)[0])
-  np.savez(cache, samples=samples)
-  return samples
+# ------------------------------------------------------------------------------------------------
+# The schedule of stages (main process)
+# ------------------------------------------------------------------------------------------------
+
+def dataset_opts(dataset):
+  """Everything a stage of `dataset` needs (picklable for the workers): flags over PROTOCOL."""
+  opts = {k: getattr(FLAGS, k) for k in ('sde', 'seed', 'loss_weights', 'finetune_lr',
+                                          'finetune_schedule', 'eval_points', 'grid')}
+  for k, v in PROTOCOL[dataset].items():
+    opts[k] = v if getattr(FLAGS, k) is None else getattr(FLAGS, k)
+  return opts
 
 
-def plot_density_1d(dataset, logps, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  x = grid_points(dataset)
-  fig, ax = plt.subplots(figsize=(6, 3.6))
-  true = np.exp(datasets.toy_log_prob(dataset.upper(), x))
-  ax.fill_between(x[:, 0], true, color='0.85', label='data q(x)')
-  styles = {1: ('tab:red', '--'), 2: ('tab:green', '-.'), 3: ('tab:blue', '-')}
-  for label, (order, logp) in logps.items():
-    color, ls = styles[order]
-    ax.plot(x[:, 0], np.exp(logp), color=color, ls=ls, lw=1.4, label=label)
-  ax.set_xlabel('x')
-  ax.set_ylabel('density')
-  ax.set_title('ScoreODE density p(x) vs data (1-D mixture of Gaussians)')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+def make_stages():
+  stages = []
+  for dataset in FLAGS.datasets:
+    opts = dataset_opts(dataset)
+    root = os.path.join(FLAGS.workdir, dataset)
+    dim = datasets.toy_dim(DATASETS[dataset])
+    base = os.path.join(root, 'order1_base')
+    scale = opts['batch_size'] / 1000.
+    stages.append(dict(dataset=dataset, order=1, kind='base', name='order 1 (base)', opts=opts,
+                       workdir=base, steps=opts['base_steps'], restore_from='', after=None,
+                       cost=opts['base_steps'] * scale))
+    for order in sorted({int(o) for o in FLAGS.orders} | {1}):
+      stages.append(dict(dataset=dataset, order=order, kind='finetune', opts=opts,
+                         name=f'order {order} (fine-tune)', workdir=os.path.join(root, f'order{order}'),
+                         steps=opts['finetune_steps'], restore_from=os.path.join(base, 'checkpoints'),
+                         after=base, cost=opts['finetune_steps'] * scale * STEP_COST[(dim, order)]))
+  return stages
 
 
-def plot_2d(dataset, logps, samples, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  lo, hi = WINDOWS[dataset]
-  k = FLAGS.grid // 6
-  n = len(logps)
-  fig, axes = plt.subplots(2, n, figsize=(3 * n, 6), squeeze=False)
-  for j, (label, (_, logp)) in enumerate(logps.items()):
-    axes[0, j].imshow(np.exp(logp).reshape(k, k), origin='lower', extent=(lo, hi, lo, hi),
-                      cmap='viridis')
-    axes[0, j].set_title(f'p(x): {label}', fontsize=9)
-    s = samples[label]
-    axes[1, j].scatter(s[:, 0], s[:, 1], s=1, alpha=0.5)
-    axes[1, j].set_xlim(lo, hi)
-    axes[1, j].set_ylim(lo, hi)
-    axes[1, j].set_aspect('equal')
-    axes[1, j].set_title(f'ODE samples: {label}', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+def run_all(stages):
+  """Run every stage on FLAGS.jobs workers, longest ready stage first; {workdir: row}."""
+  done, running, results = set(), {}, {}
+  pending = list(stages)
+  free = list(range(FLAGS.jobs))
+  ctx = multiprocessing.get_context('spawn')
+  lock = ctx.RLock()  # one lock for every process's progress bars
+  tqdm.tqdm.set_lock(lock)
+  with cf.ProcessPoolExecutor(FLAGS.jobs, mp_context=ctx, initializer=_init_worker,
+                              initargs=(lock,)) as pool:
+    while pending or running:
+      ready = sorted((s for s in pending if s['after'] is None or s['after'] in done),
+                     key=lambda s: -s['cost'])
+      while ready and free:
+        stage = ready.pop(0)
+        pending.remove(stage)
+        slot = free.pop(0)
+        running[pool.submit(run_stage, stage, slot)] = (stage, slot)
+      finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+      for fut in finished:
+        stage, slot = running.pop(fut)
+        free.append(slot)
+        row = fut.result()
+        done.add(stage['workdir'])
+        results[stage['workdir']] = row
+        what = f'[{stage["dataset"]}] {stage["name"]}: trained in {row["train_s"]:.0f} s'
+        if 'eval_s' in row:
+          what += f', NLL of {FLAGS.eval_points} points in {row["eval_s"]:.0f} s (NFE {row["nfe"]})'
+        tqdm.tqdm.write(what)
+  return results
 
 
-def run_dataset(dataset):
-  root = os.path.join(FLAGS.workdir, dataset)
-  base_dir = os.path.join(root, 'order1_base')
-  stages = [(1, FLAGS.base_steps, base_dir, '')]
-  for order in sorted(int(o) for o in FLAGS.orders):
-    stages.append((order, FLAGS.finetune_steps, os.path.join(root, f'order{order}'),
-                   os.path.join(base_dir, 'checkpoints')))
-  rows, logps, samples, gaps = [], {}, {}, {}
-  for i, (order, steps, workdir, restore) in enumerate(stages):
-    done = FLAGS.base_steps + (steps if restore else 0)
-    what = ('first-order training' if not restore else
-            f'fine-tuning with order {order} from the first-order checkpoint')
-    print(f'[{dataset}] stage {i + 1}/{len(stages)}: {what} ({steps} steps)', flush=True)
-    config = stage_config(dataset, order, steps, restore)
-    params, model_state = train_stage(config, workdir)
-    row, logp = evaluate_stage(dataset, order, done, config, params, model_state,
-                               os.path.join(workdir, 'eval'))
-    print(f'[{dataset}] order {order}, {done} steps: NLL {row["nll"]:.4f} +- '
-          f'{row["nll_stderr"]:.4f} nats (true {row["true_nll"]:.4f}, gap {row["gap"]:.4f}, '
-          f'NFE {row["nfe"]})', flush=True)
-    label = f'order {order}, {done} steps'
-    if restore:
-      gaps[label] = gap_stage(config, params, model_state, os.path.join(workdir, 'ode_gap.npz'))
-      row['ode_score_gap'] = float(np.mean(gaps[label]['gap']))
-      print(f'[{dataset}] order {order}: ODE-score gap g^2 E|s_ode - s_theta|^2, mean over t: '
-            f'{row["ode_score_gap"]:.4g}', flush=True)
-    rows.append(row)
-    if restore and order in (1, 3) or config.data.dim == 2 and restore:
-      logps[label] = (order, logp)
-    if config.data.dim == 2 and restore:
-      samples[label] = sample_stage(config, params, model_state,
-                                    os.path.join(workdir, 'samples_ode.npz'))
-  paired_differences(rows, [os.path.join(w, 'eval.npz') for _, _, w, _ in stages])
-  if dataset == 'mog1d':
-    plot_density_1d(dataset, logps, os.path.join(FLAGS.workdir, f'density_{dataset}.png'))
-  else:
-    plot_2d(dataset, logps, samples, os.path.join(FLAGS.workdir, f'density_{dataset}.png'))
-  ode_score.plot_gap(gaps, os.path.join(FLAGS.workdir, f'ode_score_gap_{dataset}.png'),
-                     title=f'{dataset}: ODE score vs model score')
+# ------------------------------------------------------------------------------------------------
+# Table and figures
+# ------------------------------------------------------------------------------------------------
+
+def _mean_se(d):
+  return float(np.mean(d)), float(np.std(d) / np.sqrt(len(d)))
+
+
+def dataset_rows(dataset, stages, results):
+  """Rows of one dataset: NLL and true NLL on the same points, gap, paired difference to order 1,
+  and the share of the first-order gap closed."""
+  true = -datasets.toy_log_prob(DATASETS[dataset], eval_points(dataset, dataset_opts(dataset)))
+  rows, nlls = [], {}
+  for s in stages:
+    if s['dataset'] != dataset or s['kind'] != 'finetune':
+      continue
+    nlls[s['order']] = np.load(os.path.join(s['workdir'], 'eval.npz'))['nll']
+    r = dict(results[s['workdir']])
+    r['nll'], r['nll_stderr'] = _mean_se(nlls[s['order']])
+    r['true_nll'] = float(true.mean())
+    r['gap'], r['gap_stderr'] = _mean_se(nlls[s['order']] - true)
+    rows.append(r)
+  for r in rows:
+    if r['order'] != 1 and 1 in nlls:
+      r['vs_order1'], r['vs_order1_stderr'] = _mean_se(nlls[r['order']] - nlls[1])
+      base_gap = next(q['gap'] for q in rows if q['order'] == 1)
+      r['gap_closed'] = 1. - r['gap'] / base_gap if base_gap > 0 else float('nan')
   return rows
 
 
-def paired_differences(rows, caches):
-  """NLL of each fine-tuned model minus the continued first-order one's on the same points (the
-  evaluation samples are shared, so the paired standard error is much smaller than each NLL's)."""
-  nlls = [np.load(c)['nll'] for c in caches]
-  ref = next((i for i, r in enumerate(rows) if r['order'] == 1 and i > 0), None)
-  for i, r in enumerate(rows):
-    if ref is not None and i > 0:
-      d = nlls[i] - nlls[ref]
-      r['vs_order1'] = float(d.mean())
-      r['vs_order1_stderr'] = float(d.std() / np.sqrt(len(d)))
+CSV_KEYS = ['dataset', 'order', 'steps', 'nll', 'true_nll', 'gap', 'nll_stderr', 'gap_stderr',
+            'vs_order1', 'vs_order1_stderr', 'gap_closed', 'nfe', 'train_s', 'eval_s']
 
 
 def write_table(rows):
-  keys = ['dataset', 'order', 'steps', 'nll', 'true_nll', 'gap']
   with open(os.path.join(FLAGS.workdir, 'results.csv'), 'w', newline='') as f:
     w = csv.writer(f)
-    extra = ['nll_stderr', 'nfe', 'ode_score_gap', 'vs_order1', 'vs_order1_stderr']
-    w.writerow(keys + extra)
+    w.writerow(CSV_KEYS)
     for r in rows:
-      w.writerow([r[k] for k in keys] + [r.get(k, '') for k in extra])
+      w.writerow([r.get(k, '') for k in CSV_KEYS])
   lines = ['| dataset | order | steps | NLL (nats) | true NLL | gap | NLL - order 1 (paired) | '
-           'ODE-score gap (mean over t) |', '|---|---|---|---|---|---|---|---|']
+           'gap closed |', '|---|---|---|---|---|---|---|---|']
   for r in rows:
-    ode_gap = f'{r["ode_score_gap"]:.4g}' if 'ode_score_gap' in r else '-'
     paired = (f'{r["vs_order1"]:+.4f} +- {r["vs_order1_stderr"]:.4f}' if 'vs_order1' in r
               else '-')
+    closed = f'{100 * r["gap_closed"]:.0f}%' if 'gap_closed' in r else '-'
     lines.append(f'| {r["dataset"]} | {r["order"]} | {r["steps"]} | {r["nll"]:.4f} +- '
-                 f'{r["nll_stderr"]:.4f} | {r["true_nll"]:.4f} | {r["gap"]:.4f} | {paired} | '
-                 f'{ode_gap} |')
-  for ds in dict.fromkeys(r['dataset'] for r in rows):
-    final = {r['order']: r for r in rows if r['dataset'] == ds and r['steps'] == max(
-      q['steps'] for q in rows if q['dataset'] == ds)}
-    if 1 in final and 3 in final and final[1]['gap'] > 0:
-      closed = 1. - final[3]['gap'] / final[1]['gap']
-      lines.append(f'\n{ds}: third-order fine-tuning closes {100 * closed:.0f}% of the first-order '
-                   'gap to the true NLL (same total steps).')
+                 f'{r["nll_stderr"]:.4f} | {r["true_nll"]:.4f} | {r["gap"]:.4f} +- '
+                 f'{r["gap_stderr"]:.4f} | {paired} | {closed} |')
+  lines.append('')
+  for r in rows:
+    if 'gap_closed' in r:
+      sig = r['vs_order1'] < -2 * r['vs_order1_stderr']
+      lines.append(f'{r["dataset"]}: order {r["order"]} closes {100 * r["gap_closed"]:.0f}% of the '
+                   f'first-order gap to the true NLL ({"more" if sig else "not more"} than 2 '
+                   'standard errors below order 1 on the same points).')
   text = '\n'.join(lines) + '\n'
   with open(os.path.join(FLAGS.workdir, 'results.md'), 'w') as f:
     f.write(text)
   print(text)
 
 
+def plot_density(dataset, stages, path):
+  """Figure 1: the data density and the first- and third-order ODE densities on one scale."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  x = grid_points(dataset, FLAGS.grid)
+  dens = {'data q(x)': np.exp(datasets.toy_log_prob(DATASETS[dataset], x))}
+  for s in stages:
+    if s['dataset'] == dataset and s['kind'] == 'finetune' and s['order'] in PLOTTED_ORDERS:
+      logp = np.load(os.path.join(s['workdir'], 'eval.npz'))['grid_logp']
+      steps = s['opts']['base_steps'] + s['steps']
+      dens[f'order {s["order"]}, {steps} steps'] = np.exp(logp)
+  lo, hi = WINDOWS[dataset]
+  if dataset == 'mog1d':
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    styles = iter([('tab:red', '--'), ('tab:blue', '-')])
+    for label, p in dens.items():
+      if label.startswith('data'):
+        ax.fill_between(x[:, 0], p, color='0.85', label=label)
+      else:
+        color, ls = next(styles)
+        ax.plot(x[:, 0], p, color=color, ls=ls, lw=1.4, label=f'ScoreODE {label}')
+    ax.set_xlabel('x')
+    ax.set_ylabel('density')
+    ax.set_title('1-D mixture of Gaussians: ScoreODE densities vs data')
+    ax.legend(fontsize=8)
+  else:
+    k = FLAGS.grid // 10
+    vmax = max(p.max() for p in dens.values())
+    fig, axes = plt.subplots(1, len(dens), figsize=(3.6 * len(dens), 3.8))
+    for ax, (label, p) in zip(np.atleast_1d(axes), dens.items()):
+      im = ax.imshow(p.reshape(k, k), origin='lower', extent=(lo, hi, lo, hi), cmap='viridis',
+                     vmin=0., vmax=vmax)
+      ax.set_title(label if label.startswith('data') else f'ScoreODE {label}', fontsize=9)
+    fig.colorbar(im, ax=np.atleast_1d(axes).tolist(), shrink=0.8, label='density')
+  fig.savefig(path, dpi=120, bbox_inches='tight')
+  plt.close(fig)
+
+
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.WARNING)
+  logging.set_verbosity(logging.WARNING)
   for ds in FLAGS.datasets:
-    if (ds, FLAGS.sde) not in CONFIGS:
+    if ds not in DATASETS:
       raise app.UsageError(f'Unknown toy dataset {ds!r}: use mog1d or checkerboard.')
+  if FLAGS.jobs < 1:
+    raise app.UsageError(f'--jobs must be at least 1, got {FLAGS.jobs}.')
   os.makedirs(FLAGS.workdir, exist_ok=True)
   tic = time.time()
+  stages = make_stages()
+  for s in stages:
+    print(f'  python main.py --config configs/toy/{s["dataset"]}_{FLAGS.sde}.py '
+          f'--workdir {s["workdir"]} --mode train --config.training.score_matching_order={s["order"]} '
+          f'--config.training.n_iters={s["steps"]} '
+          f'--config.training.batch_size={s["opts"]["batch_size"]}'
+          + (f' --config.training.restore_from={s["restore_from"]} '
+             f'--config.optim.lr={FLAGS.finetune_lr} '
+             f'--config.optim.schedule={FLAGS.finetune_schedule}' if s['restore_from'] else ''))
+  results = run_all(stages)
   rows = []
   for ds in FLAGS.datasets:
-    rows += run_dataset(ds)
-    write_table(rows)
+    rows += dataset_rows(ds, stages, results)
+    plot_density(ds, stages, os.path.join(FLAGS.workdir, f'density_{ds}.png'))
+  write_table(rows)
   print(f'Demo done in {(time.time() - tic) / 60:.1f} min; outputs in {FLAGS.workdir}.')
 
 
