@@ -375,7 +375,7 @@ def main():
       compile_s, temp, gflop, med, times = measure(config, formulation, order, not abstract,
                                                    args.repeats, abstract, method)
       if toy and order > 1:
-        formulation = f'ours ({method})'
+        formulation = f'exact: {method}'
       if order == 1:
         base = (med, temp, gflop)
       t_ratio = med / base[0] if med is not None else None
@@ -390,14 +390,15 @@ def main():
 
   notes = [
     'toy_*: the toy MLP (configs/toy/*_ve.py) at batch 1000 with exact Jacobians, one order-1 '
-    'baseline; ours (M) = the exact derivatives taken by method M (see the module docstring).',
+    'baseline; exact: M = the exact derivatives taken by method M (see the module docstring; '
+    'ours = losses.exact_derivatives, vmap = the previous code).',
     'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
     f'{args.repeats} calls after compile (block_until_ready); temp = XLA temp_size_in_bytes.',
     'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '
     "XLA cost_analysis()['flops'] of the compiled step (machine-independent).",
     'seed = the original mle_score_ode loss re-created (benchmarks/train_step.py '
     'seed_formulation); ours = losses.get_sde_loss_fn.',
-    'configs: ' + ', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs if c in CONFIGS)
+    'configs: ' + (', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs if c in CONFIGS) or '-')
     + '; tiny configs pinned '
     'to nf 32, ch_mult (1, 2), 1 res block, 16x16x3, batch 16.',
   ]

@@ -6,7 +6,7 @@ the same run continued equally long), second and third-order DSM under the same 
 learning-rate schedule and EMA, and evaluate each by its exact probability-flow ODE NLL (exact
 divergence, RK45 at 1e-5) on fresh samples, against the true NLL of the same samples. Every stage
 goes through the code CIFAR-10 uses (run_lib.train with training.restore_from, losses, sde_lib,
-likelihood). Independent stages run side by side in --jobs processes (one XLA thread each).
+likelihood). Independent stages run side by side in --jobs worker processes.
 
 Writes under --workdir: results.csv / results.md (one row per dataset and order),
 density_<dataset>.png (Figure 1: data, first- and third-order ODE densities) and one training
@@ -60,8 +60,8 @@ flags.DEFINE_list('loss_weights', ['1', '0.5', '0.1'],
 flags.DEFINE_integer('eval_points', 10_000, 'Fresh samples for the NLL of each model.')
 flags.DEFINE_integer('grid', 600, 'Density grid points (per axis for 2-D data: grid // 10).')
 flags.DEFINE_integer('seed', 0, 'Seed of training and of the evaluation samples.')
-flags.DEFINE_integer('jobs', 2, 'Stages trained side by side (processes sharing the cores: '
-                     'one XLA thread each on 2 cores).')
+flags.DEFINE_integer('jobs', 2, 'Stages trained side by side (worker processes sharing the '
+                     'cores).')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,11 +156,9 @@ def run_stage(stage, slot):
 
 
 def _init_worker(lock, threads):
-  """`threads` XLA and TensorFlow threads per worker (the workers share the cores), a shared
-  tqdm lock."""
-  if threads == 1:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
-                               'false intra_op_parallelism_threads=1').strip()
+  """`threads` TensorFlow threads per worker (it only streams toy batches) and a shared tqdm
+  lock. XLA keeps its own thread pool: XLA_FLAGS set here, after jax is imported, would not take
+  effect."""
   datasets.tf.config.threading.set_intra_op_parallelism_threads(threads)
   datasets.tf.config.threading.set_inter_op_parallelism_threads(threads)
   tqdm.tqdm.set_lock(lock)
