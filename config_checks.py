@@ -121,9 +121,10 @@ def validate_config(config, mode='train', workdir=None):
   if config.optim.optimizer != 'Adam':
     raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
                      "set --config.optim.optimizer=Adam.")
-  if config.optim.get('schedule', 'constant') not in ('constant', 'cosine'):
+  import losses  # pylint: disable=import-outside-toplevel
+  if config.optim.get('schedule', 'constant') not in losses.LR_SCHEDULES:
     raise ValueError(f"optim.schedule is '{config.optim.schedule}': set "
-                     "--config.optim.schedule=constant or cosine.")
+                     f"--config.optim.schedule to one of {', '.join(losses.LR_SCHEDULES)}.")
   if t.nonfinite not in ('stop', 'skip'):
     raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
 

@@ -34,6 +34,8 @@ def use_exact_div(config):
   """Whether evaluation from a config takes the exact divergence: data of dim <= 2 (toy.py's
   likelihoods were exact; a one-probe Hutchinson estimate would only add noise there)."""
   return int(np.prod(mutils.get_data_shape(config))) <= EXACT_DIV_AUTO_DIM
+
+
 METHODS = ('jax', 'scipy')
 
 

@@ -16,7 +16,7 @@ Outcomes (reliability_test.py and scripts/reliability_table.py on a loaded 2-cor
 | NaN in every input of step 6, training.nonfinite='skip' | 1 | exit 0, skip counted (nonfinite_count 1, logged); step-6 params/EMA/optimizer state equal step 5's; every saved array finite |
 | latest meta + periodic checkpoints damaged: garbled array bytes, truncated array file, deleted array file, garbled meta JSON | 4 | error line naming each damaged checkpoint; resumed from the previous good one (step 2) |
 | every checkpoint damaged | 1 | exit 2, one line naming them and the fix; checkpoints untouched |
-| bad input (BAD_INPUT: main_test.BAD + sampler/predictor/corrector/nonfinite names, unprepared TFDS dataset, workdir is a file) against an existing workdir | 17 | exit 2, one stderr line naming problem and fix; workdir files and mtimes unchanged; nothing compiled (fresh JAX cache stays empty); 0.3-3 s each, 10-16 s for TFDS (TensorFlow import) |
+| bad input (BAD_INPUT: main_test.BAD + sampler/predictor/corrector/nonfinite/lr-schedule names, unprepared TFDS dataset, workdir is a file) against an existing workdir | 18 | exit 2, one stderr line naming problem and fix; workdir files and mtimes unchanged; nothing compiled (fresh JAX cache stays empty); 0.3-3 s each, 10-16 s for TFDS (TensorFlow import) |
 """
 import glob
 import hashlib
@@ -434,6 +434,8 @@ def _bad_input_cases():
      ["Unknown corrector 'bogus'", 'config.sampling.corrector'], None),
     ('nonfinite mode', [f'--config={TOY}', '--config.training.nonfinite=ignore'],
      ["training.nonfinite is 'ignore'", "'stop' or 'skip'"], None),
+    ('learning-rate schedule', [f'--config={TOY}', '--config.optim.schedule=linear'],
+     ["optim.schedule is 'linear'", 'constant, cosine'], None),
     ('TFDS dataset not prepared', [f'--config={TINY}', '--config.data.dataset=CIFAR10',
                                    '--config.data.tfds_dir=EMPTY'],
      ["TFDS dataset 'cifar10' is not prepared", 'tfds build cifar10', '--config.data.tfds_dir'],
