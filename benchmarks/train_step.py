@@ -149,11 +149,6 @@ def seed_formulation(sde, model, train, reduce_mean=True, continuous=True,
 # ------------------------------------------------------------------------------------------------
 # Ways of taking the exact derivatives of the toy losses (s, J, grad_x tr J), D <= 2.
 # ------------------------------------------------------------------------------------------------
-def _basis(x):
-  eye = jnp.eye(x.shape[1], dtype=x.dtype)
-  return [jnp.broadcast_to(eye[i], x.shape) for i in range(x.shape[1])]
-
-
 def _derivs_vmap(fn, x, order):
   """The previous code: J from vmapped tangents, grad tr J by reverse mode over them."""
   b, d = x.shape
@@ -165,8 +160,11 @@ def _derivs_vmap(fn, x, order):
 
   if order == 2:
     return jacobian(x) + (None,)
-  grad_tr, (s, jac) = jax.grad(lambda y: (lambda s, j: (jnp.sum(jnp.trace(j, axis1=1, axis2=2)),
-                                                        (s, j)))(*jacobian(y)), has_aux=True)(x)
+
+  def trace_fn(y):
+    s, jac = jacobian(y)
+    return jnp.sum(jnp.trace(jac, axis1=1, axis2=2)), (s, jac)
+  grad_tr, (s, jac) = jax.grad(trace_fn, has_aux=True)(x)
   return s, jac, grad_tr
 
 
@@ -183,7 +181,7 @@ def _derivs_jet(fn, x, order):
   if order == 2:
     return losses.exact_derivatives(fn, x, 2)
   d = x.shape[1]
-  dirs = _basis(x) + ([] if d == 1 else [jnp.ones_like(x)])
+  dirs = losses._basis(x) + ([] if d == 1 else [jnp.ones_like(x)])  # pylint: disable=protected-access
   outs = [jet.jet(fn, (x,), ((u, jnp.zeros_like(x)),)) for u in dirs]
   s = outs[0][0]
   jac = jnp.stack([o[1][0] for o in outs[:d]], -1)
@@ -196,7 +194,7 @@ def _derivs_fwdfwd(fn, x, order):
   """Forward over forward: one nested jvp per pair of directions."""
   if order == 2:
     return losses.exact_derivatives(fn, x, 2)
-  e = _basis(x)
+  e = losses._basis(x)  # pylint: disable=protected-access
   d = x.shape[1]
 
   def second(a, b):  # (s, J e_a, J e_b, f''[e_a, e_b])
