@@ -181,7 +181,8 @@ def _derivs_jet(fn, x, order):
   if order == 2:
     return losses.exact_derivatives(fn, x, 2)
   d = x.shape[1]
-  dirs = losses._basis(x) + ([] if d == 1 else [jnp.ones_like(x)])  # pylint: disable=protected-access
+  basis = losses._basis(x)  # pylint: disable=protected-access
+  dirs = basis + ([] if d == 1 else [jnp.ones_like(x)])
   outs = [jet.jet(fn, (x,), ((u, jnp.zeros_like(x)),)) for u in dirs]
   s = outs[0][0]
   jac = jnp.stack([o[1][0] for o in outs[:d]], -1)
