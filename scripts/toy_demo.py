@@ -70,7 +70,8 @@ flags.DEFINE_integer('jobs', 2, 'Stages trained side by side (worker processes s
 
 def stage_config(opts, dataset, order, steps, restore_from=''):
   """The toy config of one stage: opts = dataset_opts(dataset)."""
-  from configs.toy import checkerboard_ve, checkerboard_vp, mog1d_ve, mog1d_vp  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from configs.toy import checkerboard_ve, checkerboard_vp, mog1d_ve, mog1d_vp
   module = {('mog1d', 've'): mog1d_ve, ('mog1d', 'vp'): mog1d_vp,
             ('checkerboard', 've'): checkerboard_ve, ('checkerboard', 'vp'): checkerboard_vp}
   config = module[(dataset, opts['sde'])].get_config()
@@ -191,8 +192,9 @@ def make_stages():
                        cost=opts['base_steps'] * scale))
     for order in sorted({int(o) for o in FLAGS.orders} | {1}):
       stages.append(dict(dataset=dataset, order=order, kind='finetune', opts=opts,
-                         name=f'order {order} (fine-tune)', workdir=os.path.join(root, f'order{order}'),
-                         steps=opts['finetune_steps'], restore_from=os.path.join(base, 'checkpoints'),
+                         name=f'order {order} (fine-tune)',
+                         workdir=os.path.join(root, f'order{order}'), steps=opts['finetune_steps'],
+                         restore_from=os.path.join(base, 'checkpoints'),
                          after=base, cost=opts['finetune_steps'] * scale * STEP_COST[(dim, order)]))
   return stages
 
@@ -344,7 +346,8 @@ def main(argv):
   stages = make_stages()
   for s in stages:
     print(f'  python main.py --config configs/toy/{s["dataset"]}_{FLAGS.sde}.py '
-          f'--workdir {s["workdir"]} --mode train --config.training.score_matching_order={s["order"]} '
+          f'--workdir {s["workdir"]} --mode train '
+          f'--config.training.score_matching_order={s["order"]} '
           f'--config.training.n_iters={s["steps"]} '
           f'--config.training.batch_size={s["opts"]["batch_size"]}'
           + (f' --config.training.restore_from={s["restore_from"]} '
