@@ -1,4 +1,4 @@
-"""Training losses, the optimizer and the train/eval step.
+"""Training losses and the train/eval step (the optimizer: optim.py, re-exported here).
 
 First-order denoising score matching (score_sde) with score_flow's likelihood weighting and
 importance-sampled time, and the second- and third-order denoising score matching of
@@ -22,11 +22,14 @@ squared norm of the order-3 residual carry the probe's variance on top of the ex
 (losses_test.py checks both identities). The total is w1 loss1 + w2 loss2 + w3 loss3 with
 w = loss_weights ((1, 1, 1) reproduces the image code, (1, 0.5, 0.1) with exact_jacobian toy.py).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optim import LR_SCHEDULES, get_lr_schedule, get_optimizer  # pylint: disable=unused-import
 from utils import batch_mul
 
 ORDERS = (1, 2, 3)
@@ -34,56 +37,62 @@ NONFINITE_MODES = ('stop', 'skip')
 MAX_EXACT_JACOBIAN_DIM = 2
 
 
-LR_SCHEDULES = ('constant', 'cosine')
-
-
-def get_lr_schedule(config):
-  """lr * min(step / warmup, 1) as score_sde ('constant'); 'cosine' then decays it to 0 by
-  training.n_iters (half a cosine over the steps after the warm-up)."""
-  optim = config.optim
-  kind = optim.get('schedule', 'constant')
-  if kind not in LR_SCHEDULES:
-    raise ValueError(f"Unknown learning-rate schedule {kind!r}: set config.optim.schedule to "
-                     "'constant' or 'cosine'.")
-  warmup = max(int(optim.warmup), 0)
-  if kind == 'constant':
-    return optax.linear_schedule(0., optim.lr, warmup) if warmup else optim.lr
-  return optax.warmup_cosine_decay_schedule(0., optim.lr, warmup,
-                                            max(int(config.training.n_iters), warmup + 1))
-
-
-def get_optimizer(config):
-  """Adam as score_sde's flax.optim.Adam + optimization_manager, in optax.
-
-  - the learning rate of get_lr_schedule: lr * min(step / warmup, 1) (step = updates applied so
-    far, so the first update has lr 0, as the original), constant after it or cosine-decayed.
-  - beta1 = config.optim.beta1, beta2 = 0.999, eps added to sqrt of the corrected second moment.
-  - decoupled weight decay as flax.optim.Adam: p <- p - lr * (adam_update + weight_decay * p),
-    i.e. optax.adamw with the same (warmed-up) lr.
-  - the gradient is first clipped to global norm config.optim.grad_clip (disabled if < 0).
-  """
-  optim = config.optim
-  if optim.optimizer != 'Adam':
-    raise ValueError(f"Optimizer '{optim.optimizer}' is not supported: set "
-                     "config.optim.optimizer = 'Adam'.")
-  schedule = get_lr_schedule(config)
-  tx = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
-                   weight_decay=optim.weight_decay)
-  if optim.grad_clip >= 0:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
-  return tx
-
-
 def _check_loss_options(score_matching_order, reduce_mean, loss_weights):
+  """One-line ValueErrors for an unknown order, orders 2/3 without reduce_mean, and loss_weights
+  that are not three numbers (LossOptions runs it once, on construction)."""
   if score_matching_order not in ORDERS:
     raise ValueError(f'Unsupported score_matching_order {score_matching_order!r}: set '
                      'config.training.score_matching_order to 1, 2 or 3.')
   if score_matching_order > 1 and not reduce_mean:
     raise ValueError(f'score_matching_order {score_matching_order} needs reduce_mean (its '
-                     'losses are normalised per dimension): set config.training.reduce_mean = True.')
+                     'losses are normalised per dimension): set '
+                     'config.training.reduce_mean = True.')
   if len(tuple(loss_weights)) != 3:
     raise ValueError(f'loss_weights must hold 3 numbers (orders 1, 2, 3), got {loss_weights!r}: '
                      'set config.training.loss_weights = (1., 1., 1.).')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """Every option of the DSM loss and of the train/eval step, validated once on construction.
+
+  One value travels get_step_fn -> get_sde_loss_fn -> get_loss_from_score_fn ->
+  score_matching_losses in place of their loose keywords. Defaults are get_step_fn's (score_sde).
+  """
+  reduce_mean: bool = False
+  continuous: bool = True
+  likelihood_weighting: bool = False
+  importance_weighting: bool = False
+  smallest_time: float = 1e-5  # eps: times are drawn on [smallest_time, T]
+  score_matching_order: int = 1
+  loss_weights: tuple = (1., 1., 1.)
+  exact_jacobian: bool = False
+  ema_rate: float = 0.999
+  ema_start: int = 0
+  nonfinite: str = 'stop'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'loss_weights', tuple(self.loss_weights))  # hashable, as configs
+    _check_loss_options(self.score_matching_order, self.reduce_mean, self.loss_weights)
+    if self.nonfinite not in NONFINITE_MODES:
+      raise ValueError(f"Unknown nonfinite mode {self.nonfinite!r}: set config.training.nonfinite "
+                       "to 'stop' or 'skip'.")
+
+  @classmethod
+  def from_config(cls, config):
+    """The options of config.training and config.model (ema_rate, ema_start), as run_lib uses."""
+    t = config.training
+    return cls(reduce_mean=t.reduce_mean, continuous=t.continuous,
+               likelihood_weighting=t.likelihood_weighting,
+               importance_weighting=t.importance_weighting, smallest_time=t.smallest_time,
+               score_matching_order=t.score_matching_order, loss_weights=tuple(t.loss_weights),
+               exact_jacobian=t.exact_jacobian, ema_rate=config.model.ema_rate,
+               ema_start=config.model.get('ema_start', 0), nonfinite=t.nonfinite)
+
+
+def _resolve_options(options, **loose):
+  """`options` when given, else a LossOptions of the loose keywords (the public signatures')."""
+  return options if options is not None else LossOptions(**loose)
 
 
 def _flat(x):
@@ -128,111 +137,149 @@ def exact_derivatives(fn, x, order):
   return s, jac, grad_tr
 
 
+def _dsm_target(z, score, std):
+  """(sigma, sigma^2, c = z + sigma stop_grad(s)) as flat (B, 1), (B, 1), (B, D) arrays."""
+  std_ = std.reshape((z.shape[0], 1))
+  std2 = jnp.square(std_)
+  c = _flat(z) + _flat(jax.lax.stop_gradient(score)) * std_
+  return std_, std2, c
+
+
+def _hutchinson_losses(fn, perturbed, std, z, v, order, dim):
+  """(score, losses2, losses3 or None) of the Rademacher-probe (JVP) estimators of orders 2, 3.
+
+  fn(x) -> score at the batch's times; v is the probe (shape of the data). One JVP gives the score
+  and J v for order 2; order 3 differentiates <v, J v> in reverse mode over that JVP.
+  """
+  losses3 = None
+  if order == 2:
+    score, jv = jax.jvp(fn, (perturbed,), (v,))  # one pass gives the score and J v
+  else:
+    def vjv_fn(x):
+      s, jv = jax.jvp(fn, (x,), (v,))
+      return jnp.sum(v * jv), (s, jv)
+    # Reverse mode over the JVP: grad_x <v, J v> with the score and J v as by-products.
+    grad_vjv, (score, jv) = jax.grad(vjv_fn, has_aux=True)(perturbed)
+  std_, std2, c = _dsm_target(z, score, std)
+  vf, jvf = _flat(v), _flat(jv)
+  cv = _inner(c, vf)
+  vv = _inner(vf, vf)
+  vjv = _inner(vf, jvf)
+  frob = jnp.mean(jnp.square(std2 * jvf + vf - cv * c) / dim, axis=-1)
+  trace = jnp.square((std2 * vjv + vv - jnp.square(cv)) / dim)[:, 0]
+  losses2 = frob + trace
+  if order == 3:
+    vjv = jax.lax.stop_gradient(vjv)
+    jvf = jax.lax.stop_gradient(jvf)
+    resid = (std2 * std_ * _flat(grad_vjv) + jnp.square(cv) * c - (std2 * vjv + vv) * c
+             - 2 * cv * (std2 * jvf + vf))
+    losses3 = jnp.mean(jnp.square(resid / dim), axis=-1)
+  return score, losses2, losses3
+
+
+def _exact_jacobian_losses(fn, perturbed, std, z, order, dim):
+  """(score, losses2, losses3 or None) from the exact Jacobian (and grad tr J), dim <= 2.
+
+  toy.py's 'score_eps_second_jac' / 'score_eps_third': exact_derivatives of fn on flat data.
+  """
+  losses3 = None
+  flat_fn = lambda y: _flat(fn(y.reshape(perturbed.shape)))
+  score, jac, grad_tr = exact_derivatives(flat_fn, _flat(perturbed), order)
+  eye = jnp.eye(dim, dtype=perturbed.dtype)
+  std_, std2, c = _dsm_target(z, score, std)
+  a = std2[:, :, None] * jac + eye - c[:, :, None] * c[:, None, :]
+  losses2 = jnp.mean(jnp.square(a).reshape((perturbed.shape[0], -1)), axis=-1)
+  if order == 3:
+    jac = jax.lax.stop_gradient(jac)
+    tr = jnp.trace(jac, axis1=1, axis2=2)[:, None]
+    resid = (std2 * std_ * _flat(grad_tr) + _inner(c, c) * c - (std2 * tr + dim) * c
+             - 2 * jnp.einsum('bij,bj->bi', std2[:, :, None] * jac + eye, c))
+    losses3 = jnp.mean(jnp.square(resid), axis=-1)
+  return score, losses2, losses3
+
+
+def _first_order_losses(sde, data, t, z, std, score, options):
+  """Per-example order-1 DSM loss of `score`, g(t)^2-weighted with likelihood weighting and
+  uniform time (importance-sampled time carries the weight in its density instead)."""
+  reduce_op = jnp.mean if options.reduce_mean else (lambda x, axis: 0.5 * jnp.sum(x, axis=axis))
+  if options.likelihood_weighting and not options.importance_weighting:
+    g2 = sde.sde(jnp.zeros_like(data), t)[1] ** 2
+    return reduce_op(_flat(jnp.square(score + batch_mul(z, 1. / std))), axis=-1) * g2
+  return reduce_op(_flat(jnp.square(batch_mul(score, std) + z)), axis=-1)
+
+
 def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_matching_order=1,
                           reduce_mean=True, likelihood_weighting=False, importance_weighting=False,
-                          exact_jacobian=False):
+                          exact_jacobian=False, options=None):
   """Per-example DSM losses of orders 1..score_matching_order at given t, z and probe v.
 
   score_fn(x, t, rng=None) -> (score, new_model_state). `data` is the clean batch (B, ...), `t`
   (B,), `z` the DSM noise (shape of data), `v` the Rademacher probe (orders 2 and 3 without
-  exact_jacobian). Returns (losses1, losses2, losses3, new_model_state), each loss of shape (B,);
-  unused orders are zeros. Orders 2 and 3 return new_model_state = None (the caller keeps the
-  incoming state, as the original). The loss formulas are in the module docstring.
+  exact_jacobian). `options` (a LossOptions) replaces the loose keywords. Returns (losses1,
+  losses2, losses3, new_model_state), each loss of shape (B,); unused orders are zeros. Orders 2
+  and 3 return new_model_state = None (the caller keeps the incoming state, as the original).
+  The loss formulas are in the module docstring.
   """
-  _check_loss_options(score_matching_order, reduce_mean, (1., 1., 1.))
-  batch_size = data.shape[0]
+  options = _resolve_options(
+    options, score_matching_order=score_matching_order, reduce_mean=reduce_mean,
+    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
+    exact_jacobian=exact_jacobian)
+  order = options.score_matching_order
   dim = int(np.prod(data.shape[1:]))
-  if exact_jacobian and dim > MAX_EXACT_JACOBIAN_DIM:
+  if options.exact_jacobian and dim > MAX_EXACT_JACOBIAN_DIM:
     raise ValueError(f'exact_jacobian needs data of at most {MAX_EXACT_JACOBIAN_DIM} dimensions, '
                      f'got {dim}: set config.training.exact_jacobian = False.')
-  reduce_op = jnp.mean if reduce_mean else (lambda x, axis: 0.5 * jnp.sum(x, axis=axis))
 
   mean, std = sde.marginal_prob(data, t)
   perturbed = mean + batch_mul(std, z)
-  fn = lambda x: score_fn(x, t, rng=rng)[0]
-  zeros = jnp.zeros((batch_size,), perturbed.dtype)
+  zeros = jnp.zeros((data.shape[0],), perturbed.dtype)
   losses2 = losses3 = zeros
   new_model_state = None
-
-  if score_matching_order == 1:
+  if order == 1:
     score, new_model_state = score_fn(perturbed, t, rng=rng)
-  elif not exact_jacobian:
-    if score_matching_order == 2:
-      score, jv = jax.jvp(fn, (perturbed,), (v,))  # one pass gives the score and J v
+  else:
+    fn = lambda x: score_fn(x, t, rng=rng)[0]
+    if options.exact_jacobian:
+      score, losses2, losses3 = _exact_jacobian_losses(fn, perturbed, std, z, order, dim)
     else:
-      def vjv_fn(x):
-        s, jv = jax.jvp(fn, (x,), (v,))
-        return jnp.sum(v * jv), (s, jv)
-      # Reverse mode over the JVP: grad_x <v, J v> with the score and J v as by-products.
-      grad_vjv, (score, jv) = jax.grad(vjv_fn, has_aux=True)(perturbed)
-    std_ = std.reshape((batch_size, 1))
-    std2 = jnp.square(std_)
-    vf, jvf = _flat(v), _flat(jv)
-    c = _flat(z) + _flat(jax.lax.stop_gradient(score)) * std_
-    cv = _inner(c, vf)
-    vv = _inner(vf, vf)
-    vjv = _inner(vf, jvf)
-    frob = jnp.mean(jnp.square(std2 * jvf + vf - cv * c) / dim, axis=-1)
-    trace = jnp.square((std2 * vjv + vv - jnp.square(cv)) / dim)[:, 0]
-    losses2 = frob + trace
-    if score_matching_order == 3:
-      vjv = jax.lax.stop_gradient(vjv)
-      jvf = jax.lax.stop_gradient(jvf)
-      resid = (std2 * std_ * _flat(grad_vjv) + jnp.square(cv) * c - (std2 * vjv + vv) * c
-               - 2 * cv * (std2 * jvf + vf))
-      losses3 = jnp.mean(jnp.square(resid / dim), axis=-1)
-  else:
-    flat_fn = lambda y: _flat(fn(y.reshape(perturbed.shape)))
-    score, jac, grad_tr = exact_derivatives(flat_fn, _flat(perturbed), score_matching_order)
-    eye = jnp.eye(dim, dtype=perturbed.dtype)
-    std_ = std.reshape((batch_size, 1))
-    std2 = jnp.square(std_)
-    c = _flat(z) + _flat(jax.lax.stop_gradient(score)) * std_
-    a = std2[:, :, None] * jac + eye - c[:, :, None] * c[:, None, :]
-    losses2 = jnp.mean(jnp.square(a).reshape((batch_size, -1)), axis=-1)
-    if score_matching_order == 3:
-      jac = jax.lax.stop_gradient(jac)
-      tr = jnp.trace(jac, axis1=1, axis2=2)[:, None]
-      resid = (std2 * std_ * _flat(grad_tr) + _inner(c, c) * c - (std2 * tr + dim) * c
-               - 2 * jnp.einsum('bij,bj->bi', std2[:, :, None] * jac + eye, c))
-      losses3 = jnp.mean(jnp.square(resid), axis=-1)
-
-  if likelihood_weighting and not importance_weighting:
-    g2 = sde.sde(jnp.zeros_like(data), t)[1] ** 2
-    losses1 = reduce_op(_flat(jnp.square(score + batch_mul(z, 1. / std))), axis=-1) * g2
-  else:
-    losses1 = reduce_op(_flat(jnp.square(batch_mul(score, std) + z)), axis=-1)
+      score, losses2, losses3 = _hutchinson_losses(fn, perturbed, std, z, v, order, dim)
+    losses3 = zeros if losses3 is None else losses3
+  losses1 = _first_order_losses(sde, data, t, z, std, score, options)
   return losses1, losses2, losses3, new_model_state
 
 
 def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,
                            importance_weighting=True, eps=1e-5, score_matching_order=1,
-                           loss_weights=(1., 1., 1.), exact_jacobian=False):
+                           loss_weights=(1., 1., 1.), exact_jacobian=False, options=None):
   """loss_fn(rng, score_fn, states, batch) -> (loss, (new_model_state, loss1, loss2, loss3)).
 
   The body of get_sde_loss_fn for a given score_fn(x, t, rng=None) -> (score, new_state): draws
   t (uniform on [eps, T], or importance-sampled with likelihood and importance weighting), the
   DSM noise z and the Rademacher probe v, and averages score_matching_losses over the batch.
-  loss1..loss3 are unweighted batch means; loss = w1 loss1 + w2 loss2 + w3 loss3.
+  loss1..loss3 are unweighted batch means; loss = w1 loss1 + w2 loss2 + w3 loss3. `options` (a
+  LossOptions) replaces the loose keywords (eps is its smallest_time).
   """
-  _check_loss_options(score_matching_order, reduce_mean, loss_weights)
-  w1, w2, w3 = (float(w) for w in loss_weights)
+  options = _resolve_options(
+    options, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
+    importance_weighting=importance_weighting, smallest_time=eps,
+    score_matching_order=score_matching_order, loss_weights=loss_weights,
+    exact_jacobian=exact_jacobian)
+  w1, w2, w3 = (float(w) for w in options.loss_weights)
+  eps = options.smallest_time
 
   def loss_fn(rng, score_fn, states, batch):
     data = batch['image']
     t_rng, z_rng, v_rng, model_rng = jax.random.split(rng, 4)
-    if likelihood_weighting and importance_weighting:
+    if options.likelihood_weighting and options.importance_weighting:
       t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (data.shape[0],), eps=eps)
     else:
       t = jax.random.uniform(t_rng, (data.shape[0],), minval=eps, maxval=sde.T)
     z = jax.random.normal(z_rng, data.shape, data.dtype)
     v = None
-    if score_matching_order > 1 and not exact_jacobian:
+    if options.score_matching_order > 1 and not options.exact_jacobian:
       v = jax.random.rademacher(v_rng, data.shape, data.dtype)
     losses1, losses2, losses3, new_state = score_matching_losses(
-      sde, score_fn, data, t, z, v, rng=model_rng, score_matching_order=score_matching_order,
-      reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
-      importance_weighting=importance_weighting, exact_jacobian=exact_jacobian)
+      sde, score_fn, data, t, z, v, rng=model_rng, options=options)
     if new_state is None:
       new_state = states
     loss1, loss2, loss3 = jnp.mean(losses1), jnp.mean(losses2), jnp.mean(losses3)
@@ -244,22 +291,25 @@ def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,
 
 def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likelihood_weighting=True,
                     importance_weighting=True, eps=1e-5, score_matching_order=1,
-                    loss_weights=(1., 1., 1.), exact_jacobian=False):
+                    loss_weights=(1., 1., 1.), exact_jacobian=False, options=None):
   """loss_fn(rng, params, states, batch) -> (loss, (new_model_state, loss1, loss2, loss3)).
 
   The score of `model` comes from models.utils.get_score_fn (score_sde conventions); batch['image']
   is (B, ...) (images or flat vectors). Orders 2 and 3 need reduce_mean; exact_jacobian needs
-  dim <= 2 (checked when the batch is seen). See the module docstring for the formulas.
+  dim <= 2 (checked when the batch is seen). `options` (a LossOptions) replaces the loose
+  keywords. See the module docstring for the formulas.
   """
   from models import utils as mutils  # here, so that importing losses does not import models
-  score_loss_fn = get_loss_from_score_fn(
-    sde, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
-    importance_weighting=importance_weighting, eps=eps, score_matching_order=score_matching_order,
-    loss_weights=loss_weights, exact_jacobian=exact_jacobian)
+  options = _resolve_options(
+    options, reduce_mean=reduce_mean, continuous=continuous,
+    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
+    smallest_time=eps, score_matching_order=score_matching_order, loss_weights=loss_weights,
+    exact_jacobian=exact_jacobian)
+  score_loss_fn = get_loss_from_score_fn(sde, options=options)
 
   def loss_fn(rng, params, states, batch):
-    score_fn = mutils.get_score_fn(sde, model, params, states, train=train, continuous=continuous,
-                                   return_state=True)
+    score_fn = mutils.get_score_fn(sde, model, params, states, train=train,
+                                   continuous=options.continuous, return_state=True)
     return score_loss_fn(rng, score_fn, states, batch)
 
   return loss_fn
@@ -273,7 +323,7 @@ def _all_finite(tree):
 def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuous=True,
                 likelihood_weighting=False, importance_weighting=False, smallest_time=1e-5,
                 score_matching_order=1, loss_weights=(1., 1., 1.), exact_jacobian=False,
-                ema_rate=0.999, ema_start=0, nonfinite='stop'):
+                ema_rate=0.999, ema_start=0, nonfinite='stop', options=None):
   """step_fn(state, batch) -> (new_state, metrics) for one training or evaluation step.
 
   The training loop scans step_fn with jax.lax.scan over config.training.n_jitted_steps batches
@@ -291,20 +341,20 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
   Eval (train=False): the loss of params_ema; the state is returned unchanged except its rng,
   which advances so that successive eval batches draw fresh t, z and v.
   metrics: 'loss', 'loss1', 'loss2', 'loss3' (unweighted terms) and 'finite' (bool).
+  `options` (a LossOptions, e.g. LossOptions.from_config(config)) replaces the loose keywords.
   """
-  if not continuous:
+  options = _resolve_options(
+    options, reduce_mean=reduce_mean, continuous=continuous,
+    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
+    smallest_time=smallest_time, score_matching_order=score_matching_order,
+    loss_weights=loss_weights, exact_jacobian=exact_jacobian, ema_rate=ema_rate,
+    ema_start=ema_start, nonfinite=nonfinite)
+  if not options.continuous:  # the loss alone takes discrete labels (score_sde); the step does not
     raise ValueError(f'Discrete-time training of {sde.__class__.__name__} is not supported: set '
                      'config.training.continuous = True.')
-  if nonfinite not in NONFINITE_MODES:
-    raise ValueError(f"Unknown nonfinite mode {nonfinite!r}: set config.training.nonfinite to "
-                     "'stop' or 'skip'.")
   if train and optimize_fn is None:
     raise ValueError('A training step needs optimize_fn: pass losses.get_optimizer(config).')
-  loss_fn = get_sde_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=True,
-                            likelihood_weighting=likelihood_weighting,
-                            importance_weighting=importance_weighting, eps=smallest_time,
-                            score_matching_order=score_matching_order, loss_weights=loss_weights,
-                            exact_jacobian=exact_jacobian)
+  loss_fn = get_sde_loss_fn(sde, model, train, options=options)
 
   def step_fn(state, batch):
     rng, step_rng = jax.random.split(state.rng)
@@ -318,13 +368,13 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
         jax.tree_util.tree_structure(state.model_state), jax.tree_util.tree_leaves(new_model_state))
       updates, new_opt_state = optimize_fn.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
-      copy = state.step < ema_start
+      copy = state.step < options.ema_start
       new_params_ema = jax.tree_util.tree_map(
-        lambda e, p: jnp.where(copy, p, e * ema_rate + p * (1. - ema_rate)),
+        lambda e, p: jnp.where(copy, p, e * options.ema_rate + p * (1. - options.ema_rate)),
         state.params_ema, new_params)
       updated = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                               model_state=new_model_state, params_ema=new_params_ema, rng=rng)
-      if nonfinite == 'skip':
+      if options.nonfinite == 'skip':
         failed = state.replace(step=state.step + 1, rng=rng,
                                nonfinite_count=state.nonfinite_count + 1)
       else:

@@ -11,6 +11,7 @@ import pytest
 import losses
 import sde_lib
 from configs.base_config import get_base_config
+from configs.toy.mog1d_ve import get_config as mog1d_ve_config
 from train_state import create_train_state
 
 VP = lambda: sde_lib.VPSDE(0.1, 20., 1000)
@@ -224,7 +225,8 @@ def test_parameter_gradients_flow_only_through_the_highest_order_quantity(exact,
   sde, batch = VP(), 3
   data, t, z = _fixed_inputs(dim, batch)
   keys = jax.random.split(jax.random.PRNGKey(11), 3)
-  theta0 = {'w': jax.random.normal(keys[0], (dim, dim)), 'u': jax.random.normal(keys[1], (dim, dim)),
+  theta0 = {'w': jax.random.normal(keys[0], (dim, dim)),
+            'u': jax.random.normal(keys[1], (dim, dim)),
             'b': jax.random.normal(keys[2], (dim,))}
   single = lambda th, x, t: jnp.tanh(x @ th['w'] + th['b']) @ th['u'] * (1. + t) - x
   score_fn = lambda th: (lambda x, t, rng=None: (jax.vmap(lambda x, t: single(th, x, t))(x, t), {}))
@@ -520,6 +522,33 @@ def test_scanned_steps_equal_sequential_steps():
   assert metrics['loss'].shape == (2,)
 
 
+def test_loss_options_from_config_give_the_step_of_the_loose_keywords():
+  """LossOptions.from_config reads config.training and config.model (ema_rate, ema_start) as
+  run_lib did with loose keywords: the same options, and a step with the same state and metrics."""
+  config = mog1d_ve_config()
+  t = config.training
+  t.score_matching_order, t.smallest_time, t.nonfinite = 2, 1e-3, 'skip'
+  t.likelihood_weighting = t.importance_weighting = True
+  t.loss_weights = (1., 0.3, 0.2)
+  config.model.ema_rate, config.model.ema_start = 0.8, 0
+  loose = dict(reduce_mean=True, continuous=True, likelihood_weighting=True,
+               importance_weighting=True, smallest_time=1e-3, score_matching_order=2,
+               loss_weights=(1., 0.3, 0.2), exact_jacobian=True, ema_rate=0.8, ema_start=0,
+               nonfinite='skip')
+  options = losses.LossOptions.from_config(config)
+  assert options == losses.LossOptions(**loose)
+  _, state = _setup()
+  sde, model, tx = VE(), TinyScore(), losses.get_optimizer(_optim_config(warmup=0, lr=1e-2))
+  # options replaces the loose keywords: reduce_mean=False alone would reject order 2.
+  from_config = losses.get_step_fn(sde, model, True, optimize_fn=tx, reduce_mean=False,
+                                   options=options)
+  from_loose = losses.get_step_fn(sde, model, True, optimize_fn=tx, **loose)
+  new_config, metrics_config = jax.jit(from_config)(state, BATCH)
+  new_loose, metrics_loose = jax.jit(from_loose)(state, BATCH)
+  assert not _leaves_equal(new_config.params, state.params)
+  assert _leaves_equal(new_config, new_loose) and _leaves_equal(metrics_config, metrics_loose)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +566,10 @@ def test_bad_options_raise_one_line_value_errors():
     losses.get_step_fn(sde, TinyScore(), True, optimize_fn=None, nonfinite='ignore')
   with pytest.raises(ValueError, match='continuous = True'):
     losses.get_step_fn(sde, TinyScore(), True, continuous=False)
+  with pytest.raises(ValueError, match='score_matching_order to 1, 2 or 3'):
+    losses.LossOptions(score_matching_order=0)
+  with pytest.raises(ValueError, match="nonfinite to 'stop' or 'skip'"):
+    losses.LossOptions(nonfinite='ignore')
   loss_fn = losses.get_loss_from_score_fn(sde, score_matching_order=2, exact_jacobian=True)
   with pytest.raises(ValueError, match='exact_jacobian = False'):
     loss_fn(jax.random.PRNGKey(0), lambda x, t, rng=None: (-x, {}), {},
