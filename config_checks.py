@@ -1,67 +1,30 @@
 """Up-front validation of a config and the CLI arguments, so that bad input fails in a second with
 one line naming the problem and the fix, before JAX compiles anything or a file is written."""
-import ast
 import os
 import re
 import sys
 
 import jax
 
+import layout
+
 MODES = ('train', 'eval', 'train_deq', 'fid_stats')
 # Models whose U-Net halves the resolution len(ch_mult) - 1 times.
 UNET_MODELS = ('ncsnpp', 'ddpm', 'ddpmpp')
 
 
-def _known_models():
-  try:
-    from models import utils as mutils  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  for name in ('_MODELS', 'MODELS'):
-    reg = getattr(mutils, name, None)
-    if isinstance(reg, dict) and reg:
-      return sorted(reg)
-  return None
-
-
-def _known_datasets():
-  """datasets.KNOWN_DATASETS, read from the source when the module (which imports TensorFlow,
-  seconds) is not loaded yet; None if unavailable."""
-  if 'datasets' in sys.modules:
-    return sorted(getattr(sys.modules['datasets'], 'KNOWN_DATASETS', ()) or ()) or None
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets.py')
-  try:
-    tree = ast.parse(open(path).read())
-  except (OSError, SyntaxError):
-    return None
-  ns = {}
-  for node in tree.body:
-    if (isinstance(node, ast.Assign) and len(node.targets) == 1
-        and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith('_DATASETS')):
-      try:
-        exec(compile(ast.Module([node], []), path, 'exec'), {'__builtins__': {}}, ns)  # pylint: disable=exec-used
-      except Exception:  # pylint: disable=broad-except
-        return None
-  return sorted(ns['KNOWN_DATASETS']) if ns.get('KNOWN_DATASETS') else None
-
-
-def check_sampler(config):
-  """ValueError (one line) for an unknown sampler / predictor / corrector name or combination in
-  config.sampling; builds the sampler's Python objects only (nothing is traced or compiled)."""
+def check_sampler_names(config):
+  """ValueError (one line) for an unknown sampler, predictor or corrector name in config.sampling.
+  Unsupported combinations fail where the sampler is built, before any model or data."""
   import sampling  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-
-  def build():
-    sde, eps = sde_lib.get_sde(config)
-    sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
-
-  abstractly(build)
-
-
-def abstractly(fn):
-  """Run fn() under jax.eval_shape: the jnp arithmetic of SDE / sampler constructors is traced,
-  never compiled (eager jnp ops would each compile a kernel); Python errors propagate."""
-  jax.eval_shape(lambda: (fn(), None)[1])
+  s = config.sampling
+  if str(s.method).lower() not in sampling.SAMPLER_NAMES:
+    raise ValueError(f"Unknown sampler '{s.method}': set config.sampling.method to one of "
+                     f"{', '.join(sampling.SAMPLER_NAMES)}.")
+  if str(s.method).lower() == 'pc':
+    for name, getter in ((s.predictor, sampling.get_predictor), (s.corrector, sampling.get_corrector)):
+      if name is not None:
+        getter(name)
 
 
 def check_tfds_available(config):
@@ -70,7 +33,7 @@ def check_tfds_available(config):
   TFDS datasets, which need it anyway."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   name = config.data.dataset
-  if name not in ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet') or (
+  if name not in layout.TFDS_DATASETS or (
       name == 'ImageNet' and config.data.get('path', '')):
     return
   if 'datasets' not in sys.modules:
@@ -106,7 +69,9 @@ def validate_config(config, mode='train', workdir=None):
       raise FileNotFoundError(f"--workdir '{workdir}' does not exist: mode {mode} needs the "
                               'working directory of a training run.')
   t = config.training
-  abstractly(lambda: sde_lib.get_sde(config))  # unknown SDE -> ValueError
+  if str(t.sde).lower() not in sde_lib.SDE_NAMES:
+    raise ValueError(f"Unknown SDE '{t.sde}': set --config.training.sde to one of "
+                     f"{', '.join(sde_lib.SDE_NAMES)}.")
 
   order = t.score_matching_order
   if order not in (1, 2, 3):
@@ -121,10 +86,10 @@ def validate_config(config, mode='train', workdir=None):
   if config.optim.optimizer != 'Adam':
     raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
                      "set --config.optim.optimizer=Adam.")
-  import losses  # pylint: disable=import-outside-toplevel
-  if config.optim.get('schedule', 'constant') not in losses.LR_SCHEDULES:
+  import optim  # pylint: disable=import-outside-toplevel
+  if config.optim.get('schedule', 'constant') not in optim.LR_SCHEDULES:
     raise ValueError(f"optim.schedule is '{config.optim.schedule}': set "
-                     f"--config.optim.schedule to one of {', '.join(losses.LR_SCHEDULES)}.")
+                     f"--config.optim.schedule to one of {', '.join(optim.LR_SCHEDULES)}.")
   if t.nonfinite not in ('stop', 'skip'):
     raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
 
@@ -150,11 +115,9 @@ def validate_config(config, mode='train', workdir=None):
                        f'{"es" if n_proc > 1 else ""}): '
                        f'set --config.{name} to a multiple of {n_dev}.')
 
-  models = _known_models()
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
   name = config.model.name
-  if models is not None and name not in models:
-    raise ValueError(f"Unknown model '{name}': set --config.model.name to one of "
-                     f"{', '.join(models)}.")
+  mutils.get_model(name)  # unknown model -> ValueError
   if name in UNET_MODELS and 'ch_mult' in config.model:
     k = 2 ** (len(tuple(config.model.ch_mult)) - 1)
     size = config.data.image_size
@@ -162,13 +125,12 @@ def validate_config(config, mode='train', workdir=None):
       raise ValueError(f'data.image_size={size} cannot pass through {name} with ch_mult='
                        f'{tuple(config.model.ch_mult)} (it halves the size {k.bit_length() - 1} '
                        f'times): use an image size divisible by {k} or a shorter ch_mult.')
-  dsets = _known_datasets()
-  if dsets is not None and config.data.dataset not in dsets:
+  if config.data.dataset not in layout.KNOWN_DATASETS:
     raise ValueError(f"Unknown dataset '{config.data.dataset}': set --config.data.dataset to one "
-                     f"of {', '.join(dsets)}.")
+                     f"of {', '.join(sorted(layout.KNOWN_DATASETS))}.")
   if mode == 'train':
     if t.snapshot_sampling:
-      check_sampler(config)
+      check_sampler_names(config)
     check_tfds_available(config)
   if config.data.dataset.upper() == 'NPZ' and not os.path.isfile(config.data.path or ''):
     raise FileNotFoundError(f"data.path '{config.data.path}' is not a file: set "
@@ -183,35 +145,12 @@ def validate_config(config, mode='train', workdir=None):
     validate_fid_stats(config)
 
 
-def _is_toy(config):
-  return config.data.dataset in ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
-
-
-def stats_path(config):
-  """evaluation.stats_path(config), taken from evaluation.py's source so that a check needs no
-  TensorFlow import (seconds, and C++ log lines on stderr before the one-line error)."""
-  if 'evaluation' in sys.modules:
-    return sys.modules['evaluation'].stats_path(config)
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluation.py')
-  tree = ast.parse(open(path).read())
-  funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-           and n.name in ('stats_filename', 'stats_path')]
-  ns = {'os': os}
-  exec(compile(ast.Module(funcs, []), path, 'exec'), ns)  # pylint: disable=exec-used
-  return ns['stats_path'](config)
-
-
 def _check_inception_handle(config):
   handle = str(config.eval.inception_handle)
   if '://' not in handle and not os.path.isdir(handle):
     raise ValueError(f"Inception module directory '{handle}' does not exist: pass the local "
                      'SavedModel directory of tfgan/eval/inception/1 (or its TF-Hub URL) with '
                      '--config.eval.inception_handle.')
-
-
-def checkpoint_path(workdir, number):
-  """workdir/checkpoints/checkpoint_N as run_lib.train writes it (a complete orbax dir)."""
-  return os.path.join(workdir, 'checkpoints', f'checkpoint_{number}')
 
 
 def validate_eval(config, workdir=None):
@@ -242,19 +181,15 @@ def validate_eval(config, workdir=None):
   if e.enable_bpd and e.bound and e.bound_num_times < 1:
     raise ValueError(f'eval.bound_num_times is {e.bound_num_times}: set it to 1 or more.')
   if e.enable_sampling:
-    if _is_toy(config):
+    if layout.is_toy(config):
       raise ValueError(f'IS/FID/KID need images, {config.data.dataset} is flat toy data: set '
                        '--config.eval.enable_sampling=False.')
     if e.num_samples < 2:
       raise ValueError(f'eval.num_samples is {e.num_samples}: KID needs at least 2 samples; set '
                        '--config.eval.num_samples to 2 or more.')
-    import sampling  # pylint: disable=import-outside-toplevel
-    import sde_lib  # pylint: disable=import-outside-toplevel
-    sde, eps = sde_lib.get_sde(config)
-    # Unknown sampler / predictor / corrector names and unsupported combinations -> ValueError.
-    sampling.get_sampler(config, sde, (1, 1), lambda x: x, eps)
+    check_sampler_names(config)
     _check_inception_handle(config)
-    path = stats_path(config)
+    path = layout.stats_path(config)
     if not os.path.isfile(path):
       raise FileNotFoundError(
         f'Inception stats file {path} not found (eval.enable_sampling needs it): make it with '
@@ -263,7 +198,7 @@ def validate_eval(config, workdir=None):
         '--config.eval.stats_dir to the folder that holds it.')
   if workdir is not None and not e.wait_for_ckpt:
     missing = [n for n in range(e.begin_ckpt, e.end_ckpt + 1)
-               if not os.path.isdir(checkpoint_path(workdir, n))]
+               if not os.path.isdir(layout.checkpoint_path(workdir, n))]
     if missing:
       ckpt_dir = os.path.join(workdir, 'checkpoints')
       names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
@@ -278,14 +213,14 @@ def validate_eval(config, workdir=None):
 
 def validate_fid_stats(config):
   """Checks for --mode fid_stats: image data, the Inception module, no silent overwrite."""
-  if _is_toy(config):
+  if layout.is_toy(config):
     raise ValueError(f'Inception stats need images, {config.data.dataset} is flat toy data: use an '
                      'image dataset.')
   if config.eval.stats_num_images < 0:
     raise ValueError(f'eval.stats_num_images is {config.eval.stats_num_images}: set 0 (all) or a '
                      'positive count.')
   _check_inception_handle(config)
-  path = stats_path(config)
+  path = layout.stats_path(config)
   if os.path.exists(path) and not config.eval.overwrite_stats:
     raise ValueError(f'Inception stats file {path} already exists: pass '
                      '--config.eval.overwrite_stats=True to replace it, or another '

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.special
 
 import utils
+from layout import stats_filename, stats_path
 
 tf = utils.import_tensorflow()
 
@@ -249,28 +250,6 @@ def compute_metrics(sample_logits, sample_pools, data_pools):
 # ----------------------------------------------------------------------------------------------
 # Dataset statistics files
 # ----------------------------------------------------------------------------------------------
-
-def stats_filename(config):
-  """cifar10_stats.npz, imagenet32_stats.npz (score_flow's names), else <dataset>_stats.npz."""
-  dataset = config.data.dataset
-  size = config.data.image_size
-  if dataset.upper() == 'CIFAR10':
-    name = 'cifar10'
-  elif dataset.lower() == 'imagenet':
-    name = f'imagenet{size}'
-  elif dataset.upper() == 'LSUN' and config.data.get('category', None):
-    name = f'lsun_{config.data.category}_{size}'
-  elif dataset.upper() == 'NPZ' and config.data.get('path', ''):
-    # One stats file per .npz data file, so that two NPZ datasets never share stats.
-    name = 'npz_' + os.path.splitext(os.path.basename(config.data.path))[0]
-  else:
-    name = dataset.lower()
-  return f'{name}_stats.npz'
-
-
-def stats_path(config):
-  return os.path.join(config.eval.stats_dir, stats_filename(config))
-
 
 def load_dataset_stats(config):
   """Loads {stats_dir}/{name}_stats.npz -> dict of arrays (key 'pool_3'; 'logits' if present)."""

@@ -31,7 +31,7 @@ def register_model(cls=None, *, name=None):
 def get_model(name):
   """The registered model class called `name`."""
   if name not in _MODELS:
-    raise ValueError(f"Unknown model '{name}': set config.model.name to one of "
+    raise ValueError(f"Unknown model '{name}': set --config.model.name to one of "
                      f"{', '.join(sorted(_MODELS))}.")
   return _MODELS[name]
 

@@ -1,0 +1,69 @@
+"""Names shared by every job, without TensorFlow or JAX: dataset families, workdir folders and files.
+
+Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has the same layout):
+  stdout.txt                    console log (process 0)
+  tensorboard/                  TensorBoard events
+  checkpoints/checkpoint_N      periodic, N = step // snapshot_freq (all kept)
+  checkpoints-meta/checkpoint_N pre-emption, N = step // snapshot_freq_for_preemption (latest)
+  samples/iter_STEP/            snapshot samples (EMA params) at each checkpoint
+  eval/                         results of --mode eval (eval_lib.py), --eval_folder
+  deq/                          the variational dequantizer (deq_lib.py), --deq_folder
+"""
+import os
+
+TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
+TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
+LOCAL_DATASETS = ('DIGITS', 'NPZ')
+KNOWN_DATASETS = TFDS_DATASETS + LOCAL_DATASETS + TOY_DATASETS
+
+LOG_FILE = 'stdout.txt'
+TENSORBOARD = 'tensorboard'
+CHECKPOINTS = 'checkpoints'
+CHECKPOINTS_META = 'checkpoints-meta'
+SAMPLES = 'samples'
+EVAL_FOLDER = 'eval'
+DEQ_FOLDER = 'deq'
+
+
+def is_toy(config_or_name):
+  """Whether a dataset name (or config) is one of the flat low-dimensional toy distributions."""
+  name = config_or_name if isinstance(config_or_name, str) else config_or_name.data.dataset
+  return name in TOY_DATASETS
+
+
+def checkpoint_path(workdir, number):
+  """workdir/checkpoints/checkpoint_N as training writes it (a complete orbax folder)."""
+  return os.path.join(workdir, CHECKPOINTS, f'checkpoint_{number}')
+
+
+def deq_dir_of(workdir, deq_folder=DEQ_FOLDER):
+  """The dequantizer's directory: workdir/deq_folder, or deq_folder itself when it already lies
+  inside workdir or is absolute (main.py passes os.path.join(workdir, --deq_folder))."""
+  work = os.path.abspath(workdir)
+  path = os.path.abspath(deq_folder)
+  if os.path.isabs(deq_folder) or os.path.dirname(path) == work:
+    return path
+  return os.path.join(workdir, deq_folder)
+
+
+def stats_filename(config):
+  """cifar10_stats.npz, imagenet32_stats.npz (score_flow's names), else <dataset>_stats.npz."""
+  dataset = config.data.dataset
+  size = config.data.image_size
+  if dataset.upper() == 'CIFAR10':
+    name = 'cifar10'
+  elif dataset.lower() == 'imagenet':
+    name = f'imagenet{size}'
+  elif dataset.upper() == 'LSUN' and config.data.get('category', None):
+    name = f'lsun_{config.data.category}_{size}'
+  elif dataset.upper() == 'NPZ' and config.data.get('path', ''):
+    # One stats file per .npz data file, so that two NPZ datasets never share stats.
+    name = 'npz_' + os.path.splitext(os.path.basename(config.data.path))[0]
+  else:
+    name = dataset.lower()
+  return f'{name}_stats.npz'
+
+
+def stats_path(config):
+  """config.eval.stats_dir/<stats_filename>: the Inception statistics that FID/KID compare with."""
+  return os.path.join(config.eval.stats_dir, stats_filename(config))
