@@ -23,7 +23,6 @@ case q = 1 (correction 0). get_dequantize_fn returns y and that correction.
 """
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +30,10 @@ import numpy as np
 import optax
 
 import checkpoints
-import run_lib
-from run_lib import global_batch, host_batch, make_mesh, replicate, replicated
-
-
-def deq_dir_of(workdir, deq_folder):
-  """The dequantizer's directory: workdir/deq_folder, or deq_folder itself when it already lies
-  inside workdir or is absolute (main.py passes os.path.join(workdir, --deq_folder))."""
-  work = os.path.abspath(workdir)
-  path = os.path.abspath(deq_folder)
-  if os.path.isabs(deq_folder) or os.path.dirname(path) == work:
-    return path
-  return os.path.join(workdir, deq_folder)
+import layout
+import parallel
+import train_lib
+from layout import deq_dir_of  # pylint: disable=unused-import
 
 
 def get_deq_optimizer(config):
@@ -62,8 +53,7 @@ def _check_config(config):
     raise ValueError(f'deq.n_iters is {deq.n_iters}: set --config.deq.n_iters to 1 or more.')
   if not 0. <= deq.ema_rate < 1.:
     raise ValueError(f'deq.ema_rate is {deq.ema_rate}: set --config.deq.ema_rate in [0, 1).')
-  import datasets  # pylint: disable=import-outside-toplevel
-  if datasets.is_toy(config):
+  if layout.is_toy(config):
     raise ValueError(f'dequantization needs 8-bit images; {config.data.dataset} is a toy '
                      'dataset: use an image config.')
   t = config.training
@@ -81,13 +71,13 @@ def load_score_model(config, workdir, mesh, number=None):
   (number 0 or None: the newest good one), replicated over the mesh."""
   import sde_lib  # pylint: disable=import-outside-toplevel
   sde, _ = sde_lib.get_sde(config)
-  ckpt_root = os.path.join(workdir, 'checkpoints')
+  ckpt_root = os.path.join(workdir, layout.CHECKPOINTS)
   if not os.path.isdir(ckpt_root):
     raise FileNotFoundError(f"'{ckpt_root}' does not exist: train the score model first "
                             f'(--mode train --workdir {workdir}).')
   ckpt_dir = checkpoints.CheckpointDir(ckpt_root, create=False)
-  model, _, state = run_lib.build_state(config, jax.random.PRNGKey(config.seed))
-  state = replicate(state, mesh)
+  model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
+  state = parallel.replicate(state, mesh)
   if number:
     if number not in ckpt_dir.numbers():
       raise FileNotFoundError(f"'{ckpt_dir.path(number)}' does not exist: set "
@@ -118,7 +108,7 @@ def init_deq_state(config, rng, init_images, mesh=None):
 
 def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, train=True,
                     eps=1e-5, offset=True, ema_rate=0.99):
-  """step_fn((state, score_params, score_state), batch) -> (carry, metrics).
+  """step_fn(state, batch, score_params, score_state) -> (new_state, metrics).
 
   Train: Adam on the dequantizer params (the score model is an input, never updated), EMA of the
   params, a fresh rng; a non-finite loss or gradient keeps params, opt_state and EMA (and counts
@@ -130,8 +120,7 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
                                               train=train, importance_weighting=True, eps=eps,
                                               offset=offset)
 
-  def step_fn(carry, batch):
-    state, score_params, score_state = carry
+  def step_fn(state, batch, score_params, score_state):
     rng, step_rng = jax.random.split(state.rng)
     if train:
       (loss, bpd), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
@@ -151,23 +140,9 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
       loss, bpd = loss_fn(step_rng, state.params_ema, score_params, score_state, batch)
       finite = jnp.isfinite(loss)
       new_state = state.replace(rng=rng)
-    return (new_state, score_params, score_state), {'loss': loss, 'bpd': bpd, 'finite': finite}
+    return new_state, {'loss': loss, 'bpd': bpd, 'finite': finite}
 
   return step_fn
-
-
-def _multi_step(step_fn, mesh, train):
-  """jit(scan(step_fn)) over [n_jitted_steps, batch, ...]: states replicated, batch sharded."""
-  repl = replicated(mesh)
-
-  def multi(state, score_params, score_state, batch):
-    if not train:
-      state = state.replace(rng=jax.random.fold_in(state.rng, 0x5eed))
-    (state, _, _), metrics = jax.lax.scan(step_fn, (state, score_params, score_state), batch)
-    return (state, metrics) if train else metrics
-
-  return jax.jit(multi, in_shardings=(repl, repl, repl, run_lib.batch_sharding(mesh)),
-                 out_shardings=repl, donate_argnums=(0,) if train else ())
 
 
 def _log_to_file(deq_dir):
@@ -193,36 +168,29 @@ def train_deq(config, workdir, deq_folder='deq'):
   newest checkpoint under the dequantizer's directory. Returns the final (replicated) state."""
   _check_config(config)
   import datasets  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   deq_dir = deq_dir_of(workdir, deq_folder)
-  is_main = jax.process_index() == 0
-  tb_dir = os.path.join(deq_dir, 'tensorboard')
-  if is_main:
-    os.makedirs(tb_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    os.makedirs(deq_dir, exist_ok=True)
   handler = _log_to_file(deq_dir)
-  writer = run_lib._Writer(tb_dir)  # pylint: disable=protected-access
   try:
     t = config.training
-    mesh = make_mesh()
+    mesh = parallel.make_mesh()
     sde, score_model, score_params, score_state, score_path = load_score_model(
       config, workdir, mesh, config.deq.score_ckpt)
     logging.info('Loaded the score model (EMA params) from %s.', score_path)
 
-    tf.random.set_seed(config.seed + jax.process_index())
+    datasets.tf.random.set_seed(config.seed + jax.process_index())
     train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=t.n_jitted_steps,
                                                 uniform_dequantization=False)
-    train_iter, eval_iter = iter(train_ds), iter(eval_ds)
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
 
     # Data-dependent init on the first training batch (images in [0, 1]), as the original.
     init_images = np.asarray(next(iter(train_ds))['image'])[0]
     deq_model, tx, state = init_deq_state(config, jax.random.PRNGKey(config.seed), init_images)
-    state = replicate(state, mesh)
-    ckpt_dir = checkpoints.CheckpointDir(os.path.join(deq_dir, 'checkpoints'))
-    meta_dir = checkpoints.CheckpointDir(os.path.join(deq_dir, 'checkpoints-meta'),
-                                         latest_only=True)
+    state = parallel.replicate(state, mesh)
+    ckpt_dir, meta_dir = train_lib.open_checkpoints(deq_dir)
     state, restored_from = checkpoints.restore_latest([meta_dir, ckpt_dir], state)
     initial_step = int(checkpoints.to_host(state.step))
     if restored_from is not None:
@@ -230,56 +198,27 @@ def train_deq(config, workdir, deq_folder='deq'):
                    initial_step)
 
     kw = dict(eps=t.smallest_time, offset=config.deq.offset, ema_rate=config.deq.ema_rate)
-    p_train = _multi_step(get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler,
-                                          tx, train=True, **kw), mesh, True)
-    p_eval = _multi_step(get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler,
-                                         tx, train=False, **kw), mesh, False)
-
-    n_jit, n_iters = t.n_jitted_steps, config.deq.n_iters
-    if is_main:
+    step_fns = [get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx,
+                                train=train, **kw) for train in (True, False)]
+    p_train = parallel.get_multi_step_fn(step_fns[0], mesh, n_consts=2)
+    p_eval = parallel.get_multi_eval_fn(step_fns[1], mesh, n_consts=2)
+    loop = train_lib.Loop(
+      folder=deq_dir, n_iters=config.deq.n_iters,
+      train_step=lambda s, b: p_train(s, b, score_params, score_state),
+      train_batches=train_lib.global_batches(iter(train_ds), scaler, mesh),
+      eval_step=lambda s, b: p_eval(s, b, score_params, score_state),
+      eval_batches=train_lib.global_batches(iter(eval_ds), scaler, mesh),
+      what='dequantizer', lr_flag='deq.lr', progress_desc='dequantizer')
+    if jax.process_index() == 0:
       logging.info('Starting dequantizer training at step %d of %d (%s, %d devices, batch %d).',
-                   initial_step, n_iters, config.deq.model, jax.device_count(), t.batch_size)
-    mean = lambda m, k: float(np.mean(checkpoints.to_host(m[k])))
-    step, tic = initial_step, time.time()
-    ema_train_bpd = None
-    while step < n_iters:
-      batch = global_batch(host_batch(train_iter, scaler), mesh)
-      state, metrics = p_train(state, score_params, score_state, batch)
-      if not np.all(checkpoints.to_host(metrics['finite'])):
-        if t.nonfinite == 'stop':
-          raise run_lib.NonFiniteError(
-            f'Non-finite dequantizer loss near step {step + n_jit}; stopped without saving this '
-            'state. Resume from the last checkpoint with a lower --config.deq.lr, or set '
-            "training.nonfinite='skip'.")
-        logging.warning('Skipped a non-finite dequantizer step near step %d.', step + n_jit)
-      step += n_jit
-      if step % t.log_freq == 0 or step == initial_step + n_jit:
-        m = {'loss': mean(metrics, 'loss'), 'bpd': mean(metrics, 'bpd')}
-        ema_train_bpd = m['bpd'] if ema_train_bpd is None else 0.9 * ema_train_bpd + 0.1 * m['bpd']
-        if is_main:
-          rate = (step - initial_step) / max(time.time() - tic, 1e-9)
-          logging.info('step: %d, training_loss: %.5e, training_bpd: %.5e, ema_bpd: %.5e '
-                       '(%.2f steps/s)', step, m['loss'], m['bpd'], ema_train_bpd, rate)
-          writer.scalars(m, step, 'training')
-      if step % t.snapshot_freq_for_preemption == 0:
-        meta_dir.save(step // t.snapshot_freq_for_preemption, state)
-      if step % t.eval_freq == 0:
-        em = p_eval(state, score_params, score_state,
-                    global_batch(host_batch(eval_iter, scaler), mesh))
-        em = {'loss': mean(em, 'loss'), 'bpd': mean(em, 'bpd')}
-        if is_main:
-          logging.info('step: %d, eval_loss: %.5e, eval_bpd: %.5e', step, em['loss'], em['bpd'])
-          writer.scalars(em, step, 'eval')
-      if step % t.snapshot_freq == 0 or step >= n_iters:
-        path = ckpt_dir.save(max(step // t.snapshot_freq, 1), state)
-        if is_main:
-          logging.info('Saved dequantizer checkpoint %s (step %d).', path, step)
-    logging.info('Dequantizer training done at step %d.', step)
-    ckpt_dir.close()
-    meta_dir.close()
-    return state
+                   initial_step, config.deq.n_iters, config.deq.model, jax.device_count(),
+                   t.batch_size)
+    try:
+      return train_lib.run_loop(config, loop, state, ckpt_dir, meta_dir)
+    finally:
+      ckpt_dir.close()
+      meta_dir.close()
   finally:
-    writer.close()
     if handler is not None:
       logging.getLogger().removeHandler(handler)
       handler.close()
@@ -289,8 +228,8 @@ def load_dequantizer(config, workdir, deq_folder='deq', number=None):
   """(deq_model, EMA params, path) of the newest dequantizer checkpoint under the dequantizer's
   directory (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
   deq_dir = deq_dir_of(workdir, deq_folder)
-  ckpt_root = os.path.join(deq_dir, 'checkpoints')
-  meta_root = os.path.join(deq_dir, 'checkpoints-meta')
+  ckpt_root = os.path.join(deq_dir, layout.CHECKPOINTS)
+  meta_root = os.path.join(deq_dir, layout.CHECKPOINTS_META)
   dirs = [checkpoints.CheckpointDir(d, create=False) for d in (meta_root, ckpt_root)
           if os.path.isdir(d)]
   if not dirs:
@@ -359,7 +298,7 @@ def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound
   import bound_likelihood  # pylint: disable=import-outside-toplevel
   import datasets  # pylint: disable=import-outside-toplevel
   import likelihood  # pylint: disable=import-outside-toplevel
-  mesh = make_mesh()
+  mesh = parallel.make_mesh()
   sde, model, params, model_state, _ = load_score_model(config, workdir, mesh,
                                                         config.deq.score_ckpt)
   scaler = datasets.get_data_scaler(config)

@@ -110,12 +110,11 @@ def test_step_trains_only_the_dequantizer(setup):
   step_fn = deq_lib.get_deq_step_fn(s['sde'], s['score_model'], s['deq_model'], scaler,
                                     inverse_scaler, s['tx'], train=True, ema_rate=0.9)
   batch = {'image': scaler(s['images'])}
-  (new_state, score_params, _), metrics = jax.jit(step_fn)((s['state'], s['score_params'], {}),
-                                                           batch)
+  new_state, metrics = jax.jit(step_fn)(s['state'], batch, s['score_params'], {})
   assert bool(metrics['finite']) and np.isfinite(float(metrics['loss']))
   assert int(new_state.step) == 1
-  # The score params come back untouched (the loss depends on them: see the test above), and
-  # every dequantizer leaf moves by Adam's first step (lr * sign(g), at most lr).
+  # The score params are an input only (the loss depends on them: see the test above); every
+  # dequantizer leaf moves by Adam's first step (lr * sign(g), at most lr).
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params,
                                  s['state'].params)
   leaves = jax.tree_util.tree_leaves(moved)

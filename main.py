@@ -195,8 +195,6 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     _trace_to_file()
     fail(e)
-  except NotImplementedError as e:
-    fail(f'mode {FLAGS.mode}: {e}', 1)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-import run_lib
+import train_lib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
@@ -67,6 +67,6 @@ def test_two_processes_train_together(tmp_path):
   raw = checkpoints.restore_raw(str(workdir / 'checkpoints' / 'checkpoint_2'),
                                 jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   assert int(np.asarray(raw['step'])) == 4
-  np.testing.assert_allclose(run_lib.params_checksum(raw['params']), sums[0], rtol=1e-9)
+  np.testing.assert_allclose(train_lib.params_checksum(raw['params']), sums[0], rtol=1e-9)
   # Only process 0 writes logs.
   assert log.count('Training done: process 0/2') == 1 and 'process 1/2' not in log

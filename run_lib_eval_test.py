@@ -279,6 +279,7 @@ def test_toy_batch_part_reports_nats():
   the NLL does not depend on the key)."""
   import jax  # pylint: disable=import-outside-toplevel
   import datasets  # pylint: disable=import-outside-toplevel
+  import eval_parts  # pylint: disable=import-outside-toplevel
   import run_lib  # pylint: disable=import-outside-toplevel
   import sde_lib  # pylint: disable=import-outside-toplevel
   from configs.toy import checkerboard_vp  # pylint: disable=import-outside-toplevel
@@ -286,9 +287,9 @@ def test_toy_batch_part_reports_nats():
   config.eval.rtol = config.eval.atol = 1e-3
   sde, _ = sde_lib.get_sde(config)
   model, _, state = run_lib.build_state(config, jax.random.PRNGKey(0))
-  (part,) = run_lib.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
+  (part,) = eval_parts.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
   x = np.asarray(datasets.sample_toy('CHECKERBOARD', 0, 4), np.float32)
-  deq_x, corr = run_lib.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
+  deq_x, corr = eval_parts.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
   np.testing.assert_array_equal(deq_x, x)
   out = part.fn(jax.random.PRNGKey(2), state.params_ema, state.model_state,
                 {'image': deq_x, 'deq_bpd': corr})

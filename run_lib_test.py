@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import checkpoints
-import run_lib
+import train_lib
 # The `trained` fixture (one shared trained workdir) lives in conftest.py.
 from conftest import CACHE, CONFIG, SMALL, run_main, train_args  # pylint: disable=unused-import
 from conftest import ok as _ok
@@ -210,7 +210,7 @@ def test_eight_devices_same_losses(trained, tmp_path):
 
 def test_save_samples_grid(tmp_path):
   x = np.random.default_rng(0).uniform(size=(5, 3, 4, 1))
-  run_lib.save_samples(x, str(tmp_path))
+  train_lib.save_samples(x, str(tmp_path))
   png = np.asarray(Image.open(tmp_path / 'sample.png'))
   # 5 images, 2 per row -> 3 rows; 2 px padding; grey images become RGB.
   assert png.shape == (3 * (3 + 2) + 2, 2 * (4 + 2) + 2, 3)

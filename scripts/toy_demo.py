@@ -26,7 +26,7 @@ from absl import app, flags, logging  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import tqdm  # pylint: disable=wrong-import-position
 
-import datasets  # pylint: disable=wrong-import-position
+import toy_data  # pylint: disable=wrong-import-position
 
 DATASETS = {'mog1d': 'MOG1D', 'checkerboard': 'CHECKERBOARD'}
 # The plotted window of each dataset (the density grid spans it).
@@ -104,7 +104,7 @@ def grid_points(dataset, grid):
 
 
 def eval_points(dataset, opts):
-  return datasets.sample_toy(DATASETS[dataset], 10_000 + opts['seed'], opts['eval_points'])
+  return toy_data.sample_toy(DATASETS[dataset], 10_000 + opts['seed'], opts['eval_points'])
 
 
 def exact_nll(config, params, model_state, x, chunk=5000):
@@ -160,6 +160,7 @@ def _init_worker(lock, threads):
   """`threads` TensorFlow threads per worker (it only streams toy batches) and a shared tqdm
   lock. XLA keeps its own thread pool: XLA_FLAGS set here, after jax is imported, would not take
   effect."""
+  import datasets  # pylint: disable=import-outside-toplevel
   datasets.tf.config.threading.set_intra_op_parallelism_threads(threads)
   datasets.tf.config.threading.set_inter_op_parallelism_threads(threads)
   tqdm.tqdm.set_lock(lock)
@@ -184,7 +185,7 @@ def make_stages():
   for dataset in FLAGS.datasets:
     opts = dataset_opts(dataset)
     root = os.path.join(FLAGS.workdir, dataset)
-    dim = datasets.toy_dim(DATASETS[dataset])
+    dim = toy_data.toy_dim(DATASETS[dataset])
     base = os.path.join(root, 'order1_base')
     scale = opts['batch_size'] / 1000.
     stages.append(dict(dataset=dataset, order=1, kind='base', name='order 1 (base)', opts=opts,
@@ -243,7 +244,7 @@ def _mean_se(d):
 def dataset_rows(dataset, stages, results):
   """Rows of one dataset: NLL and true NLL on the same points, gap, paired difference to order 1,
   and the share of the first-order gap closed."""
-  true = -datasets.toy_log_prob(DATASETS[dataset], eval_points(dataset, dataset_opts(dataset)))
+  true = -toy_data.toy_log_prob(DATASETS[dataset], eval_points(dataset, dataset_opts(dataset)))
   rows, nlls = [], {}
   for s in stages:
     if s['dataset'] != dataset or s['kind'] != 'finetune':
@@ -300,7 +301,7 @@ def plot_density(dataset, stages, path):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   x = grid_points(dataset, FLAGS.grid)
-  dens = {'data q(x)': np.exp(datasets.toy_log_prob(DATASETS[dataset], x))}
+  dens = {'data q(x)': np.exp(toy_data.toy_log_prob(DATASETS[dataset], x))}
   for s in stages:
     if s['dataset'] == dataset and s['kind'] == 'finetune' and s['order'] in PLOTTED_ORDERS:
       logp = np.load(os.path.join(s['workdir'], 'eval.npz'))['grid_logp']

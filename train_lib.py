@@ -1,0 +1,329 @@
+"""Training: the one guarded loop (resume, checkpoints, non-finite stop/skip, logging, progress)
+that the score model (`train`) and the variational dequantizer (deq_lib.train_deq) share.
+
+One jitted call runs training.n_jitted_steps steps (lax.scan), data-parallel over every device of
+every process (parallel.py). Workdir layout: layout.py.
+"""
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+import checkpoints
+import config_checks
+import layout
+import parallel
+
+
+class NonFiniteError(RuntimeError):
+  """Training met a non-finite loss or gradient with training.nonfinite='stop'."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks shared by train, eval, the dequantizer and the tests
+# ------------------------------------------------------------------------------------------------
+
+def build_state(config, rng):
+  """(model, optimizer, host TrainState) freshly initialised from config."""
+  import losses  # pylint: disable=import-outside-toplevel
+  import train_state as ts  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  rng, init_rng = jax.random.split(rng)
+  model = mutils.get_model(config.model.name)(config=config)
+  # jit: eager flax init dispatches hundreds of small ops (seconds on a busy CPU); the jitted one
+  # is compiled once and then served from the persistent compilation cache.
+  init_model_state, initial_params = jax.jit(
+    lambda r: tuple(mutils.init_model(r, config)[1:]))(init_rng)
+  tx = losses.get_optimizer(config)
+  state = ts.create_train_state(rng, config, model, initial_params, init_model_state, tx)
+  return model, tx, state
+
+
+def get_step_fns(config, sde, model, tx):
+  """(train_step_fn, eval_step_fn) of losses.get_step_fn for this config and optimizer tx."""
+  import losses  # pylint: disable=import-outside-toplevel
+  options = losses.LossOptions.from_config(config)
+  return (losses.get_step_fn(sde, model, train=True, optimize_fn=tx, options=options),
+          losses.get_step_fn(sde, model, train=False, optimize_fn=tx, options=options))
+
+
+def params_checksum(params):
+  """sum |p| over all parameters (float64 on the host): a cheap fingerprint of a state."""
+  return float(sum(np.abs(checkpoints.to_host(p).astype(np.float64)).sum()
+                   for p in jax.tree_util.tree_leaves(params)))
+
+
+class Writer:
+  """TensorBoard scalars on process 0 (no-op elsewhere)."""
+
+  def __init__(self, tb_dir):
+    self._w = None
+    if jax.process_index() == 0:
+      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+      self._w = tensorboard.SummaryWriter(tb_dir)
+
+  def scalars(self, metrics, step, prefix):
+    if self._w is not None:
+      for k, v in metrics.items():
+        self._w.scalar(f'{prefix}_{k}', v, step)
+      self._w.flush()
+
+  def close(self):
+    if self._w is not None:
+      self._w.close()
+
+
+def save_samples(sample, directory):
+  """sample (B, H, W, C) in [0, 1] (or flat (B, D)) -> directory/sample.npz and sample.png."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  sample = np.asarray(sample)
+  np.savez_compressed(os.path.join(directory, 'sample.npz'), samples=sample)
+  if sample.ndim != 4:
+    return
+  images = np.clip(sample * 255. + 0.5, 0, 255).astype(np.uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  n, h, w, c = images.shape
+  nrow = max(1, int(np.sqrt(n)))
+  ncol = int(np.ceil(n / nrow))
+  pad = 2
+  grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+  for k in range(n):
+    y, x = divmod(k, nrow)
+    grid[pad + y * (h + pad):pad + y * (h + pad) + h, pad + x * (w + pad):pad + x * (w + pad) + w] = images[k]
+  Image.fromarray(grid).save(os.path.join(directory, 'sample.png'))
+
+
+# ------------------------------------------------------------------------------------------------
+# The guarded loop
+# ------------------------------------------------------------------------------------------------
+
+def _fmt_metrics(metrics, prefix):
+  return ', '.join(f'{prefix}{k}: {v:.5e}' for k, v in metrics.items())
+
+
+def _mean_metrics(metrics):
+  """Mean over the scanned steps of every metric but 'finite', as Python floats, 'loss' first."""
+  return {k: float(np.mean(checkpoints.to_host(metrics[k])))
+          for k in sorted(metrics, key=lambda k: (k != 'loss', k)) if k != 'finite'}
+
+
+def _first_nonfinite(metrics):
+  """Index of the first scanned step whose metrics are non-finite, or None."""
+  values = np.stack([np.atleast_1d(checkpoints.to_host(v)) for k, v in metrics.items()
+                     if k != 'finite'])
+  ok = np.all(np.isfinite(values), axis=0)
+  if 'finite' in metrics:
+    ok = ok & np.atleast_1d(checkpoints.to_host(metrics['finite'])).astype(bool)
+  bad = np.flatnonzero(~ok)
+  return int(bad[0]) if bad.size else None
+
+
+def _named(what, noun):
+  return f'{what} {noun}' if what else noun
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the guarded loop runs: jitted multi-step functions (parallel.get_multi_step_fn /
+  get_multi_eval_fn) and the iterators of global batches they consume, under `folder` (layout)."""
+  folder: str
+  n_iters: int
+  train_step: Callable[[Any, Any], Any]      # (state, batch) -> (state, metrics)
+  train_batches: Iterator[Any]
+  eval_step: Callable[[Any, Any], Any]       # (state, batch) -> metrics
+  eval_batches: Iterator[Any]
+  what: str = ''                             # what is trained, in messages ('' = the model)
+  lr_flag: str = 'optim.lr'                  # the option a non-finite stop suggests lowering
+  on_checkpoint: Optional[Callable[[Any, int], None]] = None  # (state, step) after each save
+  progress_desc: str = 'train'
+  progress_position: Optional[int] = None
+
+
+def open_checkpoints(folder):
+  """(periodic, pre-emption) CheckpointDirs of a run folder."""
+  return (checkpoints.CheckpointDir(os.path.join(folder, layout.CHECKPOINTS)),
+          checkpoints.CheckpointDir(os.path.join(folder, layout.CHECKPOINTS_META),
+                                    latest_only=True))
+
+
+def run_loop(config, loop, state, ckpt_dir, meta_dir):
+  """Runs loop.train_step from state.step to loop.n_iters with config.training's log, eval and
+  snapshot frequencies; returns the final state. A non-finite step stops (NonFiniteError, nothing
+  saved) or, with training.nonfinite='skip', was skipped by the step function and is counted."""
+  t = config.training
+  is_main = jax.process_index() == 0
+  writer = Writer(os.path.join(loop.folder, layout.TENSORBOARD))
+  n_jit = t.n_jitted_steps
+  initial_step = step = int(checkpoints.to_host(state.step))
+  progress = tqdm.tqdm(total=loop.n_iters, initial=initial_step, desc=loop.progress_desc,
+                       unit='step', position=loop.progress_position, dynamic_ncols=True,
+                       disable=not is_main or not t.get('progress_bar', True), leave=False)
+  tic = time.time()
+  try:
+    while step < loop.n_iters:
+      state, metrics = loop.train_step(state, next(loop.train_batches))
+      bad = _first_nonfinite(metrics)
+      if bad is not None and t.nonfinite == 'stop':
+        values = {k: float(np.atleast_1d(checkpoints.to_host(v))[bad]) for k, v in metrics.items()
+                  if k != 'finite'}
+        raise NonFiniteError(
+          f'Non-finite {_named(loop.what, "loss")} at step {step + bad + 1} ({_fmt_metrics(values, "")}); '
+          f'stopped without saving this state. Resume from the last checkpoint with a lower '
+          f"--config.{loop.lr_flag} or optim.grad_clip, or set training.nonfinite='skip' to skip "
+          'such steps.')
+      step += n_jit
+      progress.update(n_jit)
+      if step % t.log_freq == 0 or step == initial_step + n_jit:
+        m = _mean_metrics(metrics)
+        if is_main:
+          rate = (step - initial_step) / max(time.time() - tic, 1e-9)
+          extra = ''
+          if t.nonfinite == 'skip' and hasattr(state, 'nonfinite_count'):
+            extra = f', skipped non-finite steps: {int(checkpoints.to_host(state.nonfinite_count))}'
+          logging.info('step: %d, %s (%.2f steps/s%s)', step, _fmt_metrics(m, 'training_'), rate,
+                       extra)
+          writer.scalars(m, step, 'training')
+      if step % t.snapshot_freq_for_preemption == 0:
+        meta_dir.save(step // t.snapshot_freq_for_preemption, state)
+      if step % t.eval_freq == 0:
+        m = _mean_metrics(loop.eval_step(state, next(loop.eval_batches)))
+        if is_main:
+          logging.info('step: %d, %s', step, _fmt_metrics(m, 'eval_'))
+          writer.scalars(m, step, 'eval')
+      if step % t.snapshot_freq == 0 or step >= loop.n_iters:
+        path = ckpt_dir.save(max(step // t.snapshot_freq, 1), state)
+        if is_main:
+          logging.info('Saved %s %s (step %d).', _named(loop.what, 'checkpoint'), path, step)
+        if loop.on_checkpoint is not None:
+          loop.on_checkpoint(state, step)
+  finally:
+    progress.close()
+    writer.close()
+  # Every process logs what it holds, so multi-host runs can be checked for agreement.
+  logging.info('%s done: process %d/%d at step %d, params checksum %.10e.',
+               _named(loop.what, 'training').capitalize(),
+               jax.process_index(), jax.process_count(), step, params_checksum(state.params))
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The score model
+# ------------------------------------------------------------------------------------------------
+
+def resume_data(config, train_ds, eval_ds, step):
+  """Iterators over train_ds / eval_ds where a run that trained `step` steps left them.
+
+  The toy and in-memory (DIGITS, NPZ) streams are deterministic given config.seed, so skipping
+  the batches already consumed makes a resumed run see the batches of an uninterrupted one (its
+  parameters are then bitwise equal on CPU). TFDS and local-ImageNet streams restart, as in
+  score_sde: skipping would decode every example seen so far.
+  """
+  t = config.training
+  if step and config.data.dataset in layout.TOY_DATASETS + layout.LOCAL_DATASETS:
+    logging.info('Resuming the data streams: skipping %d training and %d evaluation batches.',
+                 step // t.n_jitted_steps, step // t.eval_freq)
+    train_ds = train_ds.skip(step // t.n_jitted_steps)
+    eval_ds = eval_ds.skip(step // t.eval_freq)
+  return iter(train_ds), iter(eval_ds)
+
+
+def global_batches(ds_iter, scaler, mesh):
+  """Global batches (parallel.global_batch) of the host batches of a tf.data iterator."""
+  while True:
+    yield parallel.global_batch(parallel.host_batch(ds_iter, scaler), mesh)
+
+
+def restore_or_fine_tune(config, state, tx, mesh, ckpt_dir, meta_dir):
+  """(state, resumed): the workdir's latest good checkpoint; else, with training.restore_from,
+  that checkpoint's params, EMA params and model state with a fresh optimizer at step 0."""
+  t = config.training
+  state, restored_from = checkpoints.restore_latest([meta_dir, ckpt_dir], state)
+  if restored_from is not None:
+    logging.info('Resuming training from %s at step %d.', restored_from,
+                 int(checkpoints.to_host(state.step)))
+    if t.restore_from:
+      logging.info('training.restore_from=%s is ignored: this workdir already has checkpoints.',
+                   t.restore_from)
+  elif t.restore_from:
+    params, params_ema, model_state, report = checkpoints.load_weights(
+      t.restore_from, state, parallel.replicated(mesh))
+    fresh = state.replace(step=jnp.zeros_like(checkpoints.to_host(state.step)), params=params,
+                          params_ema=params_ema, model_state=model_state, opt_state=tx.init(params))
+    state = parallel.replicate(fresh, mesh)
+    logging.info('Fine-tuning: %s', report)
+  return state, restored_from is not None
+
+
+def train(config, workdir, progress_desc='train', progress_position=None):
+  """Trains the score model of config in workdir; resumes from its latest good checkpoint.
+
+  progress_desc / progress_position: the label and terminal row of the tqdm bar (callers that
+  train several stages side by side give each its own row). Without a checkpoint in workdir and
+  with config.training.restore_from set, fine-tunes from that checkpoint (ours or a legacy
+  score_sde / score_flow msgpack): its params, EMA params and model state, a fresh optimizer.
+  """
+  config_checks.validate_config(config, 'train', workdir)
+  import datasets  # pylint: disable=import-outside-toplevel
+  import sampling  # pylint: disable=import-outside-toplevel
+  import sde_lib  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+
+  t = config.training
+  sde, sampling_eps = sde_lib.get_sde(config)
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  sampler = None
+  if t.snapshot_sampling:  # built first: an unsupported sampler fails before any work
+    shape = (min(t.batch_size, 64),) + tuple(mutils.get_data_shape(config))
+    sampler = sampling.get_sampler(config, sde, shape, inverse_scaler, sampling_eps)
+
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(os.path.join(workdir, layout.TENSORBOARD), exist_ok=True)
+  datasets.tf.random.set_seed(config.seed + jax.process_index())
+  train_ds, eval_ds, _ = datasets.get_dataset(
+    config, additional_dim=t.n_jitted_steps,
+    uniform_dequantization=config.data.uniform_dequantization)
+  scaler = datasets.get_data_scaler(config)
+
+  mesh = parallel.make_mesh()
+  model, tx, state = build_state(config, jax.random.PRNGKey(config.seed))
+  state = parallel.replicate(state, mesh)
+  ckpt_dir, meta_dir = open_checkpoints(workdir)
+  state, resumed = restore_or_fine_tune(config, state, tx, mesh, ckpt_dir, meta_dir)
+  initial_step = int(checkpoints.to_host(state.step))
+  train_iter, eval_iter = resume_data(config, train_ds, eval_ds, initial_step if resumed else 0)
+  train_step_fn, eval_step_fn = get_step_fns(config, sde, model, tx)
+
+  sample_fn = jax.jit(lambda rng, params, ms: sampler(rng, (model, params, ms)))
+
+  def snapshot(state, step):
+    sample, _ = sample_fn(jax.random.fold_in(state.rng, step), state.params_ema, state.model_state)
+    sample = checkpoints.to_host(sample)
+    if is_main:
+      this_dir = os.path.join(workdir, layout.SAMPLES, f'iter_{step}')
+      save_samples(sample, this_dir)
+      logging.info('Saved %d samples to %s.', len(sample), this_dir)
+
+  loop = Loop(folder=workdir, n_iters=t.n_iters,
+              train_step=parallel.get_multi_step_fn(train_step_fn, mesh),
+              train_batches=global_batches(train_iter, scaler, mesh),
+              eval_step=parallel.get_multi_eval_fn(eval_step_fn, mesh),
+              eval_batches=global_batches(eval_iter, scaler, mesh),
+              on_checkpoint=snapshot if sampler is not None else None,
+              progress_desc=progress_desc, progress_position=progress_position)
+  if is_main:
+    logging.info('Starting training loop at step %d (%d devices, %d processes, global batch %d).',
+                 initial_step, jax.device_count(), jax.process_count(), t.batch_size)
+  try:
+    return run_loop(config, loop, state, ckpt_dir, meta_dir)
+  finally:
+    ckpt_dir.close()
+    meta_dir.close()
