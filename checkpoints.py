@@ -214,10 +214,6 @@ def _short(e, n=300):
 # Loading weights to start from (fine-tuning, evaluation): ours or legacy
 # ------------------------------------------------------------------------------------------------
 
-def is_legacy_file(path):
-  return os.path.isfile(path)
-
-
 def check_readable(path):
   """Raise FileNotFoundError / ValueError (one line, with the fix) if `path` cannot be a
   checkpoint to start from; cheap, reads no arrays except a legacy file's header."""

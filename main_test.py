@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import reliability
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG = 'configs/tiny/digits_ddpmpp.py'
 
@@ -23,33 +25,8 @@ def _junk_file(tmp_path):
   return str(p)
 
 
-# (name, extra args, words the one line must contain, extra env)
-BAD = [
-  ('missing config', ['--config=configs/nope.py'], ['configs/nope.py', 'does not exist'], None),
-  ('unknown override', [f'--config={CONFIG}', '--config.training.foo=1'],
-   ['training.foo', 'unknown config field'], None),
-  ('unknown sde', [f'--config={CONFIG}', '--config.training.sde=bogus'],
-   ["Unknown SDE 'bogus'", '--config.training.sde'], None),
-  ('unknown model', [f'--config={CONFIG}', '--config.model.name=bogus'],
-   ["Unknown model 'bogus'", '--config.model.name'], None),
-  ('unknown dataset', [f'--config={CONFIG}', '--config.data.dataset=BOGUS'],
-   ["Unknown dataset 'BOGUS'", '--config.data.dataset'], None),
-  ('order 4', [f'--config={CONFIG}', '--config.training.score_matching_order=4'],
-   ['score_matching_order is 4', '1, 2 or 3'], None),
-  ('order 3 without reduce_mean', [f'--config={CONFIG}', '--config.training.score_matching_order=3',
-                                   '--config.training.reduce_mean=False'],
-   ['Order-3', 'reduce_mean=True'], None),
-  ('batch vs devices', [f'--config={CONFIG}', '--config.training.batch_size=12'],
-   ['batch_size=12', 'not divisible by the 8 devices', 'multiple of 8'],
-   {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}),
-  ('image size', [f'--config={CONFIG}', '--config.data.image_size=15'],
-   ['image_size=15', 'divisible by 2'], None),
-  ('missing restore_from', [f'--config={CONFIG}', '--config.training.restore_from=/no/such/ckpt'],
-   ['/no/such/ckpt', 'does not exist', 'restore_from'], None),
-  ('unreadable restore_from', [f'--config={CONFIG}', '--config.training.restore_from=JUNK'],
-   ['not a flax msgpack checkpoint', 'restore_from'], None),
-  ('missing mode', [f'--config={CONFIG}', '--mode='], ['--mode'], None),
-]
+# (name, extra args, words the one line must contain, extra env), shared with the reliability table
+BAD = reliability.BAD_CLI
 
 
 @pytest.mark.parametrize('name,args,words,env', BAD, ids=[b[0] for b in BAD])

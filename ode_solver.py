@@ -16,8 +16,8 @@ runs on the accelerator and shards with the batch:
 - NFE: 2 (f(t0), initial step probe) + 6 per attempted step, as scipy's `nfev`.
 At equal rtol/atol it takes scipy's steps (up to float32 round-off in the state).
 
-Why our own while_loop rather than diffrax (installed): on CPU (2 shared cores, float32, a
-damped 2-D rotation to t = 200 at rtol = atol = 1e-6; `python ode_solver.py` reruns it) both
+Why our own while_loop rather than diffrax: on CPU (2 shared cores, float32, a damped 2-D
+rotation to t = 200 at rtol = atol = 1e-6; `benchmarks/ode_solver.py` reruns it) both
 cost the same per step (state 1x2: 0.4 vs 0.2 us; 256x2: 10.3 vs 11.6 us; 4096x2: 121 vs
 140 us), diffrax compiles ~0.2 s longer, and its PID controller picks other steps (1193 vs
 scipy's 1322 here), so its NFE is not comparable with the originals'; ours reproduces scipy's
@@ -244,36 +244,3 @@ def solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_
     return out, nfe, dict(status=status, t=t, n_accepted=n_acc, n_rejected=n_rej)
   return out, nfe
 
-
-def _benchmark(batch=256, t1=200., tol=1e-6):
-  """Per-step cost of `solve` vs diffrax Dopri5 + PIDController on a damped 2-D rotation."""
-  import time  # pylint: disable=import-outside-toplevel
-  import diffrax  # pylint: disable=import-outside-toplevel
-  a = jnp.asarray([[-0.01, 2.], [-2., -0.01]])
-  fn = lambda t, y: y @ a.T
-  y0 = jnp.ones((batch, 2))
-
-  def ours(y0):
-    _, _, info = solve(fn, y0, 0., t1, tol, tol, max_steps=100000, full_output=True)
-    return info['n_accepted'] + info['n_rejected']
-
-  def theirs(y0):
-    controller = diffrax.PIDController(rtol=tol, atol=tol)
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, _: fn(t, y)), diffrax.Dopri5(), 0., t1,
-                              None, y0, stepsize_controller=controller, max_steps=100000,
-                              saveat=diffrax.SaveAt(t1=True))
-    return sol.stats['num_steps']
-
-  for name, f in (('ode_solver', ours), ('diffrax', theirs)):
-    f = jax.jit(f)
-    start = time.time()
-    steps = int(f(y0))
-    compile_s = time.time() - start
-    best = min((lambda s: (f(y0).block_until_ready(), time.time() - s)[1])(time.time())
-               for _ in range(5))
-    print(f'{name}: state {batch}x2, {steps} steps, compile+run {compile_s:.2f} s, '
-          f'{best / steps * 1e6:.2f} us/step')
-
-
-if __name__ == '__main__':
-  _benchmark()

@@ -1,4 +1,4 @@
-"""Run the fault-injection trials of reliability_test.py and print the README's Reliability table.
+"""Run the fault-injection trials of reliability.py and print the README's Reliability table.
 
   .venv/bin/python scripts/reliability_table.py [--kills 12] [--seed 0] [--json out.json]
 
@@ -15,7 +15,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import reliability_test as rt  # pylint: disable=wrong-import-position
+import reliability as rt  # pylint: disable=wrong-import-position
 
 
 def _checked(check, rec):
