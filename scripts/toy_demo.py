@@ -57,6 +57,8 @@ flags.DEFINE_enum('finetune_schedule', 'cosine', ['constant', 'cosine'],
                   'Learning-rate schedule of the fine-tuning stages (config.optim.schedule).')
 flags.DEFINE_list('loss_weights', ['1', '0.5', '0.1'],
                   'Weights of the order 1/2/3 terms (the original toy code: 1, 0.5, 0.1).')
+flags.DEFINE_enum('eval_weights', 'ema', ['ema', 'raw'], 'Score the EMA weights (as the original) '
+                  'or the raw ones.')
 flags.DEFINE_integer('eval_points', 10_000, 'Fresh samples for the NLL of each model.')
 flags.DEFINE_integer('grid', 600, 'Density grid points (per axis for 2-D data: grid // 10).')
 flags.DEFINE_integer('seed', 0, 'Seed of training and of the evaluation samples.')
@@ -143,10 +145,11 @@ def run_stage(stage, slot):
   if kind == 'finetune':
     tic = time.time()
     x = eval_points(dataset, opts)
-    nll, nfe = exact_nll(config, state.params_ema, state.model_state, x)
+    params = state.params_ema if opts['eval_weights'] == 'ema' else state.params
+    nll, nfe = exact_nll(config, params, state.model_state, x)
     grid_logp = np.zeros(0)
     if order in PLOTTED_ORDERS:
-      grid_logp = -exact_nll(config, state.params_ema, state.model_state,
+      grid_logp = -exact_nll(config, params, state.model_state,
                              grid_points(dataset, opts['grid']))[0]
     np.savez(cache + '.npz', nll=nll, grid_logp=grid_logp)
     row.update(dataset=dataset, order=order, steps=opts['base_steps'] + opts['finetune_steps'],
@@ -174,7 +177,8 @@ def _init_worker(lock, threads):
 def dataset_opts(dataset):
   """Everything a stage of `dataset` needs (picklable for the workers): flags over PROTOCOL."""
   opts = {k: getattr(FLAGS, k) for k in ('sde', 'seed', 'loss_weights', 'finetune_lr',
-                                          'finetune_schedule', 'eval_points', 'grid')}
+                                          'finetune_schedule', 'eval_points', 'grid',
+                                          'eval_weights')}
   for k, v in PROTOCOL[dataset].items():
     opts[k] = v if getattr(FLAGS, k) is None else getattr(FLAGS, k)
   return opts
