@@ -266,6 +266,60 @@ def restore_raw(step_dir, sharding):
   return tree
 
 
+def _read_source(path, sharding):
+  """(parts, kind, path) of a checkpoint to start from: parts holds host arrays of params,
+  params_ema, model_state, step and, where stored, opt_state (ours), param_states (flax.optim's
+  Adam moments), rng and nonfinite_count."""
+  check_readable(path)
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      try:
+        raw = flax.serialization.msgpack_restore(f.read())
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"'{path}' cannot be read as flax msgpack ({type(e).__name__}: "
+                         f'{_short(e, 120)}): the file is damaged or not a checkpoint; set '
+                         '--config.training.restore_from to another file.') from e
+    return legacy_state_parts(raw, path), 'legacy flax msgpack', path
+  step_dirs = [path] if checkpoint_number(path) is not None else [
+    os.path.join(path, f'{PREFIX}_{n}') for n in _step_dirs(path)]
+  for i, d in enumerate(step_dirs):
+    try:
+      raw = jax.tree_util.tree_map(to_host, restore_raw(d, sharding))
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      if i == len(step_dirs) - 1:
+        raise ValueError(f"Checkpoint '{d}' cannot be read ({type(e).__name__}: {_short(e, 200)})"
+                         ': point --config.training.restore_from at another checkpoint.') from e
+      logging.error('Checkpoint %s is corrupted or truncated (%s); falling back to the previous '
+                    'one.', d, _short(e))
+  parts = {k: raw.get(k) for k in ('params', 'params_ema', 'step', 'opt_state', 'rng',
+                                    'nonfinite_count')}
+  parts['model_state'] = raw.get('model_state', {})
+  return parts, 'orbax checkpoint', d
+
+
+def _matched(src, target_state, names):
+  """{name: src[name] matched (match_tree) and restored into target_state's tree}, notes."""
+  out, notes = {}, {}
+  for k in names:
+    target = getattr(target_state, k)
+    tree, notes[k] = match_tree(src[k], jax.tree_util.tree_map(
+      to_host, flax.serialization.to_state_dict(target)), name=k)
+    out[k] = flax.serialization.from_state_dict(target, tree)
+  return out, notes
+
+
+def _report(kind, path, src, out, notes, tail):
+  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out['params']))
+  n_reshaped = len(notes['params'])
+  step = src.get('step')
+  return (f'Loaded {kind} {path} (trained {int(step) if step is not None else "?"} steps): '
+          f'params ({len(jax.tree_util.tree_leaves(out["params"]))} arrays, {n_params:,} values), '
+          f'params_ema, model_state ({len(jax.tree_util.tree_leaves(out["model_state"]))} arrays)'
+          + (f'; {n_reshaped} GroupNorm arrays per tree reshaped from (1, 1, 1, C) to (C,)'
+             if n_reshaped else '') + f'. {tail}')
+
+
 def load_weights(path, target_state, sharding):
   """(params, params_ema, model_state, report) from `path`, matched to target_state's trees.
 
@@ -274,50 +328,56 @@ def load_weights(path, target_state, sharding):
   Every path and shape is checked against our model; GroupNorm scale/bias stored as (1, 1, 1, C)
   by Flax < 0.3.6 are reshaped to (C,). Returned arrays are host numpy arrays.
   """
-  check_readable(path)
-  targets = {k: jax.tree_util.tree_map(to_host, flax.serialization.to_state_dict(
-    getattr(target_state, k))) for k in ('params', 'params_ema', 'model_state')}
-  if os.path.isfile(path):
-    with open(path, 'rb') as f:
-      raw = flax.serialization.msgpack_restore(f.read())
-    src = legacy_state_parts(raw, path)
-    kind = 'legacy flax msgpack'
-  else:
-    if checkpoint_number(path) is not None:
-      step_dirs = [path]
-    else:
-      step_dirs = [os.path.join(path, f'{PREFIX}_{n}') for n in _step_dirs(path)]
-    raw = None
-    for i, d in enumerate(step_dirs):
-      try:
-        raw = restore_raw(d, sharding)
-        path = d
-        break
-      except Exception as e:  # pylint: disable=broad-except
-        if len(step_dirs) == 1 or i == len(step_dirs) - 1:
-          raise ValueError(f"Checkpoint '{d}' cannot be read ({type(e).__name__}: {_short(e, 200)})"
-                           ': point --config.training.restore_from at another checkpoint.') from e
-        logging.error('Checkpoint %s is corrupted or truncated (%s); falling back to the previous '
-                      'one.', d, _short(e))
-    raw = jax.tree_util.tree_map(to_host, raw)
-    src = {'params': raw.get('params'), 'params_ema': raw.get('params_ema'),
-           'model_state': raw.get('model_state', {}), 'step': raw.get('step')}
-    kind = 'orbax checkpoint'
-  out, notes = {}, {}
-  for k in ('params', 'params_ema', 'model_state'):
-    tree, notes[k] = match_tree(src[k], targets[k], name=k)
-    out[k] = flax.serialization.from_state_dict(getattr(target_state, k), tree)
-  n_reshaped = len(notes['params'])
-  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out['params']))
-  n_arrays = len(jax.tree_util.tree_leaves(out['params']))
-  step = src.get('step')
-  report = (f'Loaded {kind} {path} (trained {int(step) if step is not None else "?"} steps): '
-            f'params ({n_arrays} arrays, {n_params:,} values), params_ema, model_state '
-            f'({len(jax.tree_util.tree_leaves(out["model_state"]))} arrays)'
-            + (f'; {n_reshaped} GroupNorm arrays per tree reshaped from (1, 1, 1, C) to (C,)'
-               if n_reshaped else '')
-            + '. Optimizer state and step start fresh.')
+  src, kind, path = _read_source(path, sharding)
+  out, notes = _matched(src, target_state, ('params', 'params_ema', 'model_state'))
+  report = _report(kind, path, src, out, notes, 'Optimizer state and step start fresh.')
   return out['params'], out['params_ema'], out['model_state'], report
+
+
+def load_state(path, target_state, tx, sharding):
+  """(host TrainState, report): the whole training state of `path` (as load_weights reads it) in
+  target_state's structure: params, EMA, model state, the step and the Adam moments (ours: the
+  optax state; flax.optim: grad_ema / grad_sq_ema and optimizer.state.step as optax's mu, nu and
+  counts, so Adam and the learning-rate schedule continue), the rng where stored."""
+  import optax  # pylint: disable=import-outside-toplevel
+  src, kind, path = _read_source(path, sharding)
+  out, notes = _matched(src, target_state, ('params', 'params_ema', 'model_state'))
+  if src.get('step') is None:
+    raise ValueError(f"'{path}' stores no training step: restore its weights only with "
+                     '--config.training.restore_optimizer=False.')
+  step = np.asarray(src['step'], np.int32).reshape(())
+  if src.get('opt_state') is not None:
+    opt, _ = _matched(src, target_state, ('opt_state',))
+    opt_state = opt['opt_state']
+  elif src.get('param_states') is not None:
+    moments = {}
+    for name, key in (('mu', 'grad_ema'), ('nu', 'grad_sq_ema')):
+      tree = _leaf_field(src['param_states'], key)
+      moments[name] = _matched({'params': tree}, target_state, ('params',))[0]['params']
+    count = np.asarray(src.get('opt_step', step), np.int32).reshape(())
+    opt_state = optax.tree_utils.tree_set(tx.init(out['params']), count=count, **moments)
+  else:
+    raise ValueError(f"'{path}' stores no optimizer state: restore its weights only with "
+                     '--config.training.restore_optimizer=False.')
+  rng = src.get('rng')
+  if rng is None or np.shape(rng) != np.shape(target_state.rng):
+    rng = target_state.rng
+  state = target_state.replace(
+    step=step, opt_state=opt_state, rng=np.asarray(rng, np.uint32),
+    nonfinite_count=np.asarray(src.get('nonfinite_count', 0), np.int32).reshape(()), **out)
+  report = _report(kind, path, src, out, notes,
+                   f'Adam moments and step {int(step)} continue (the learning-rate schedule too).')
+  return state, report
+
+
+def _leaf_field(tree, key):
+  """flax.optim's param_states (a dict per parameter) -> the tree of their `key` arrays."""
+  if isinstance(tree, dict) and key in tree and not isinstance(tree[key], dict):
+    return tree[key]
+  if not isinstance(tree, dict):
+    raise ValueError(f'flax.optim param_states lack {key}: not an Adam checkpoint; use '
+                     '--config.training.restore_optimizer=False.')
+  return {k: _leaf_field(v, key) for k, v in tree.items()}
 
 
 def legacy_state_parts(raw, path='<legacy>'):
@@ -336,8 +396,11 @@ def legacy_state_parts(raw, path='<legacy>'):
   if params_ema is None:
     logging.warning('%s has no params_ema; using its params for the EMA too.', path)
     params_ema = params
+  state = opt.get('state') if isinstance(opt, dict) else None
+  state = state if isinstance(state, dict) else {}
   return {'params': params, 'params_ema': params_ema, 'model_state': raw.get('model_state') or {},
-          'step': raw.get('step')}
+          'step': raw.get('step'), 'param_states': state.get('param_states'),
+          'opt_step': state.get('step'), 'rng': raw.get('rng')}
 
 
 def _is_groupnorm_affine(path):

@@ -153,7 +153,8 @@ def test_restore_from_legacy_checkpoint(trained, tmp_path):
     'GroupNorm_0']['scale'].ndim == 4
   workdir = tmp_path / 'wd'
   _ok(run_main(train_args(workdir, n_iters=1, freq=1, eval_freq=1000, sampling=False,
-                          extra=[f'--config.training.restore_from={legacy}'])))
+                          extra=[f'--config.training.restore_from={legacy}',
+                                 '--config.training.restore_optimizer=False'])))
   log = (workdir / 'stdout.txt').read_text()
   n_arrays = len(jax.tree_util.tree_leaves(src['params']))
   m = re.search(r'Fine-tuning: Loaded legacy flax msgpack (\S+) \(trained (\d+) steps\): params '
@@ -185,7 +186,8 @@ def test_nonfinite_stops_with_exit_3_and_no_checkpoint(trained, tmp_path):
   _write_legacy(legacy, src['params'], src['params_ema'], step=4, nan=True)
   workdir = tmp_path / 'wd'
   r = run_main(train_args(workdir, n_iters=2, freq=1, eval_freq=1000, sampling=False,
-                          extra=[f'--config.training.restore_from={legacy}']))
+                          extra=[f'--config.training.restore_from={legacy}',
+                                 '--config.training.restore_optimizer=False']))
   assert r.returncode == 3, r.stderr[-3000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('main.py: error: Non-finite loss at step 1 '), last

@@ -249,7 +249,7 @@ class VESDE(SDE):
     return 2. * np.log(self.sigma_max / self.sigma_min) * (t - eps)  # constant weight
 
 
-SDE_NAMES = ('vpsde', 'subvpsde', 'vesde', 'vesde_linear')
+SDE_NAMES = ('vpsde', 'subvpsde', 'vesde', 'vesde_linear', 'linearvesde')  # the last: the original's name
 
 
 def get_sde(config):
@@ -260,9 +260,9 @@ def get_sde(config):
     sde = VPSDE(beta_min=model.beta_min, beta_max=model.beta_max, N=model.num_scales)
   elif name == 'subvpsde':
     sde = subVPSDE(beta_min=model.beta_min, beta_max=model.beta_max, N=model.num_scales)
-  elif name in ('vesde', 'vesde_linear'):
+  elif name in ('vesde', 'vesde_linear', 'linearvesde'):
     sde = VESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=model.num_scales,
-                linear=name == 'vesde_linear')
+                linear=name != 'vesde')
   else:
     raise ValueError(f"Unknown SDE '{config.training.sde}': set --config.training.sde to one of "
                      f"{', '.join(SDE_NAMES)}.")

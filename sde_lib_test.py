@@ -110,6 +110,13 @@ def test_get_sde_factory_and_error():
                 'num_scales': 1000}})
   sde, eps = sde_lib.get_sde(config)
   assert isinstance(sde, sde_lib.VESDE) and eps == 1e-5
+  t = np.array([0.3])
+  for name in ('vesde_linear', 'linearvesde'):  # ours and the original's name, the same SDE
+    config.training.sde = name
+    linear, _ = sde_lib.get_sde(config)
+    assert linear.linear and not sde.linear
+    np.testing.assert_allclose(linear.marginal_prob(np.zeros((1, 1)), t)[1], 0.3 * 50.,
+                               rtol=1e-5)
   config.training.sde = 'nope'
   with pytest.raises(ValueError, match='training.sde'):
     sde_lib.get_sde(config)

@@ -243,7 +243,8 @@ def global_batches(ds_iter, scaler, mesh):
 
 def restore_or_fine_tune(config, state, tx, mesh, ckpt_dir, meta_dir):
   """(state, resumed): the workdir's latest good checkpoint; else, with training.restore_from,
-  that checkpoint's params, EMA params and model state with a fresh optimizer at step 0."""
+  that checkpoint's whole state (Adam moments and step continue), or with
+  training.restore_optimizer=False its params, EMA and model state with a fresh optimizer."""
   t = config.training
   state, restored_from = checkpoints.restore_latest([meta_dir, ckpt_dir], state)
   if restored_from is not None:
@@ -252,6 +253,14 @@ def restore_or_fine_tune(config, state, tx, mesh, ckpt_dir, meta_dir):
     if t.restore_from:
       logging.info('training.restore_from=%s is ignored: this workdir already has checkpoints.',
                    t.restore_from)
+  elif t.restore_from and t.get('restore_optimizer', True):
+    loaded, report = checkpoints.load_state(t.restore_from, state, tx, parallel.replicated(mesh))
+    if int(loaded.step) >= t.n_iters:
+      raise ValueError(f'{t.restore_from} was trained {int(loaded.step)} steps, training.n_iters is '
+                       f'{t.n_iters}: fine-tuning continues its step count, so set '
+                       '--config.training.n_iters above it (or restore_optimizer=False).')
+    state = parallel.replicate(loaded, mesh)
+    logging.info('Fine-tuning: %s', report)
   elif t.restore_from:
     params, params_ema, model_state, report = checkpoints.load_weights(
       t.restore_from, state, parallel.replicated(mesh))

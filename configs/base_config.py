@@ -33,6 +33,9 @@ def get_base_config():
   training.exact_jacobian = False
   # NEW: start (fine-tune) from this checkpoint: one of ours, or a legacy score_sde/score_flow file.
   training.restore_from = ''
+  # NEW: continue that checkpoint's Adam moments and step (and so its learning-rate schedule), as
+  # the original resumed released checkpoints; False starts a fresh optimizer at step 0.
+  training.restore_optimizer = True
   # NEW: what a non-finite loss or gradient does: 'stop' (exit non-zero) or 'skip' (count it).
   training.nonfinite = 'stop'
 
@@ -68,7 +71,7 @@ def get_base_config():
   evaluate.hutchinson_type = 'Rademacher'
   evaluate.likelihood_solver = 'jax'  # 'jax' (jitted Dormand-Prince) or 'scipy' (the original)
   evaluate.enable_ode_score = False  # NEW: the ScoreODE score gap diagnostic (issue 9)
-  evaluate.ode_score_nt = 20
+  evaluate.ode_score_nt = 100
   evaluate.wait_for_ckpt = False  # NEW: wait for training to write missing checkpoints
   evaluate.wait_timeout = 86400.  # NEW: seconds to wait for one checkpoint (0: forever)
   evaluate.wait_poll = 60.  # NEW: seconds between looks for a missing checkpoint

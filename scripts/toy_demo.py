@@ -83,6 +83,7 @@ def stage_config(opts, dataset, order, steps, restore_from=''):
   t.n_iters = steps
   t.batch_size = opts['batch_size']
   t.restore_from = restore_from
+  t.restore_optimizer = False  # every order starts a fresh optimizer from the base weights
   t.loss_weights = tuple(float(w) for w in opts['loss_weights'])
   t.n_jitted_steps = next(k for k in (10, 5, 2, 1) if steps % k == 0)
   t.snapshot_freq = steps
@@ -356,6 +357,7 @@ def main(argv):
           f'--config.training.n_iters={s["steps"]} '
           f'--config.training.batch_size={s["opts"]["batch_size"]}'
           + (f' --config.training.restore_from={s["restore_from"]} '
+             '--config.training.restore_optimizer=False '
              f'--config.optim.lr={FLAGS.finetune_lr} '
              f'--config.optim.schedule={FLAGS.finetune_schedule}' if s['restore_from'] else ''))
   results = run_all(stages)

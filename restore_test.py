@@ -1,0 +1,126 @@
+"""training.restore_from continues a checkpoint whole (as the original resumed released ones): a
+flax.optim msgpack written here in score_sde's layout gives Adam moments, step and schedule that
+the first update continues, checked against Adam computed by hand; bad files are refused."""
+import flax
+import jax
+import numpy as np
+import pytest
+
+import checkpoints
+import train_lib
+from configs.toy import mog1d_ve
+
+STEP, WARMUP, LR, B1, B2 = 7, 10, 1e-2, 0.9, 0.999
+
+
+def _config(tmp_path, legacy, **training):
+  config = mog1d_ve.get_config()
+  config.optim.warmup = WARMUP
+  config.optim.lr = LR
+  config.optim.beta1 = B1
+  t = config.training
+  t.batch_size = 64
+  t.n_iters = STEP + 1
+  t.n_jitted_steps = 1
+  t.log_freq = 1
+  t.snapshot_freq = t.snapshot_freq_for_preemption = t.eval_freq = 1000  # the final save only
+  t.snapshot_sampling = False
+  t.progress_bar = False
+  t.restore_from = str(legacy)
+  for k, v in training.items():
+    setattr(t, k, v)
+  return config
+
+
+def _write_flax_optim(path, params, rng):
+  """score_sde's State: optimizer.{target, state.{step, param_states.*.{grad_ema, grad_sq_ema}}}."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(rng, 2 * len(leaves))
+  mu = [np.asarray(0.01 * jax.random.normal(k, np.shape(x))) for k, x in zip(keys[::2], leaves)]
+  nu = [np.asarray(1e-4 * jax.random.uniform(k, np.shape(x)) + 1e-6)
+        for k, x in zip(keys[1::2], leaves)]
+  per_param = jax.tree_util.tree_unflatten(
+    treedef, [{'grad_ema': m, 'grad_sq_ema': n} for m, n in zip(mu, nu)])
+  host = jax.tree_util.tree_map(np.asarray, params)
+  state = {'step': np.asarray(STEP),
+           'optimizer': {'target': host, 'state': {'step': np.asarray(STEP),
+                                                   'param_states': per_param}},
+           'lr': np.float32(LR), 'model_state': {}, 'ema_rate': np.float32(0.999),
+           'params_ema': host, 'rng': np.asarray([3, 4], np.uint32)}
+  path.write_bytes(flax.serialization.msgpack_serialize(state))
+  return (jax.tree_util.tree_unflatten(treedef, mu), jax.tree_util.tree_unflatten(treedef, nu))
+
+
+def _adam(opt_state):
+  states = [s for s in jax.tree_util.tree_leaves(
+    opt_state, is_leaf=lambda s: hasattr(s, 'mu')) if hasattr(s, 'mu')]
+  assert len(states) == 1
+  return states[0]
+
+
+def test_flax_optim_checkpoint_continues_adam_and_step(tmp_path):
+  config = _config(tmp_path, tmp_path / 'checkpoint_7')
+  _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
+  mu, nu = _write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, jax.random.PRNGKey(2))
+  state = train_lib.train(config, str(tmp_path / 'wd'))
+  adam = _adam(state.opt_state)
+  assert int(state.step) == STEP + 1 and int(adam.count) == STEP + 1
+  # The gradient g of that step, from the first moment; the second moment must then be the
+  # continued one, and the update Adam's at t = STEP + 1 with the warm-up lr of step STEP.
+  lr = LR * STEP / WARMUP
+  t = STEP + 1
+
+  def check(p0, m0, v0, m1, v1, p1):
+    p0, m0, v0, m1, v1, p1 = (np.asarray(x, np.float64) for x in (p0, m0, v0, m1, v1, p1))
+    g = (m1 - B1 * m0) / (1 - B1)
+    np.testing.assert_allclose(v1, B2 * v0 + (1 - B2) * g ** 2, rtol=2e-4, atol=1e-9)
+    step = (m1 / (1 - B1 ** t)) / (np.sqrt(v1 / (1 - B2 ** t)) + config.optim.eps)
+    # float32 steps: agreement to 1e-4 of the update's size (lr), far below the update itself.
+    np.testing.assert_allclose(p1, p0 - lr * (step + config.optim.weight_decay * p0), rtol=0,
+                               atol=1e-4 * lr)
+    assert np.max(np.abs(g)) > 0
+
+  jax.tree_util.tree_map(check, fresh.params, mu, nu, adam.mu, adam.nu, state.params)
+
+
+def test_weights_only_starts_a_fresh_optimizer(tmp_path):
+  config = _config(tmp_path, tmp_path / 'checkpoint_7', restore_optimizer=False, n_iters=1)
+  _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
+  _write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, jax.random.PRNGKey(2))
+  state = train_lib.train(config, str(tmp_path / 'wd'))
+  assert int(state.step) == 1 and int(_adam(state.opt_state).count) == 1
+  # lr 0 at the first warm-up step: the weights are the loaded ones.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, fresh.params)
+
+
+def test_own_checkpoint_restores_the_whole_state(tmp_path):
+  base = train_lib.train(_config(tmp_path, '', n_iters=3), str(tmp_path / 'base'))
+  config = _config(tmp_path, tmp_path / 'base' / 'checkpoints', n_iters=4)
+  _, tx, target = train_lib.build_state(config, jax.random.PRNGKey(5))
+  loaded, report = checkpoints.load_state(str(tmp_path / 'base' / 'checkpoints'), target, tx, None)
+  assert 'step 3 continue' in report
+  want, got = checkpoints.to_tree(base), checkpoints.to_tree(loaded)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  state = train_lib.train(config, str(tmp_path / 'wd'))
+  assert int(state.step) == 4 and int(_adam(state.opt_state).count) == 4
+
+
+def test_bad_files_are_refused_in_one_line(tmp_path):
+  config = _config(tmp_path, tmp_path / 'checkpoint_7')
+  _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
+  path = tmp_path / 'checkpoint_7'
+  _write_flax_optim(path, fresh.params, jax.random.PRNGKey(2))
+  good = path.read_bytes()
+  path.write_bytes(good[:len(good) // 2])  # truncated
+  with pytest.raises(ValueError, match='cannot be read as flax msgpack') as e:
+    checkpoints.load_state(str(path), fresh, None, None)
+  assert '\n' not in str(e.value)
+  other = {'step': np.asarray(1), 'optimizer': {'target': {'Dense_9': {'kernel': np.ones(3)}}}}
+  path.write_bytes(flax.serialization.msgpack_serialize(other))  # another model's tree
+  with pytest.raises(ValueError, match='do not match the model') as e:
+    checkpoints.load_state(str(path), fresh, None, None)
+  assert '\n' not in str(e.value)
+  path.write_bytes(good)
+  config.training.n_iters = STEP  # nothing left to train after the checkpoint's step
+  with pytest.raises(ValueError, match='n_iters'):
+    train_lib.train(config, str(tmp_path / 'wd'))
