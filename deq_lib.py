@@ -12,7 +12,9 @@ Workdir layout (under W/deq):
 The dequantizer's state is a train_state.TrainState (params, opt_state, params_ema, rng; an empty
 model_state). As in score_flow the loop reuses training.{batch_size, n_jitted_steps, log_freq,
 eval_freq, snapshot_freq, snapshot_freq_for_preemption} and runs deq.n_iters steps; the score
-model (EMA params of W/checkpoints/checkpoint_{deq.score_ckpt}, newest if 0) stays fixed.
+model (EMA params of W/checkpoints/checkpoint_{eval.ckpt_id}, the field score_flow's train_deq
+read) stays fixed. config.deq.model 'auto' picks the Flow++ variant score_flow built for the
+dataset (CIFAR10: 'cifar10', ImageNet 32 / 64: 'imagenet32' / 'imagenet64').
 
 Bits/dim with the dequantizer (score_flow's evaluate): for an 8-bit image x = k / 255, u ~ N(0, I),
 (noise, sldj) = dequantizer(u, x), y = (255 x + noise) / 256 in bin k,
@@ -47,7 +49,9 @@ def get_deq_optimizer(config):
   return losses.get_optimizer(cfg)
 
 
-def _check_config(config):
+def check_config(config, workdir=None):
+  """Refuse in one line what train_deq cannot run, before any work: bad deq fields, a dataset
+  'auto' has no dequantizer for, and (given workdir) a missing score checkpoint eval.ckpt_id."""
   deq = config.deq
   if deq.n_iters < 1:
     raise ValueError(f'deq.n_iters is {deq.n_iters}: set --config.deq.n_iters to 1 or more.')
@@ -62,34 +66,41 @@ def _check_config(config):
     if v < 1 or v % t.n_jitted_steps:
       raise ValueError(f'training.{name}={v} is not a positive multiple of '
                        f'training.n_jitted_steps={t.n_jitted_steps}: change one of them.')
-  from models.flowpp import get_variant  # pylint: disable=import-outside-toplevel
-  get_variant(deq.model)
+  from models import flowpp  # pylint: disable=import-outside-toplevel
+  flowpp.model_name(config)
+  if workdir is not None:
+    _score_checkpoint(config, workdir)
 
 
-def load_score_model(config, workdir, mesh, number=None):
-  """(sde, model, params_ema, model_state, path) of workdir/checkpoints/checkpoint_<number>
-  (number 0 or None: the newest good one), replicated over the mesh."""
+def _score_checkpoint(config, workdir):
+  """workdir/checkpoints/checkpoint_{eval.ckpt_id}, or FileNotFoundError naming the field."""
+  number = config.eval.ckpt_id
+  path = layout.checkpoint_path(workdir, number)
+  if not os.path.isdir(path):
+    root = os.path.join(workdir, layout.CHECKPOINTS)
+    names = os.listdir(root) if os.path.isdir(root) else []
+    have = sorted(int(n.split('_')[1]) for n in names
+                  if n.startswith('checkpoint_') and n.split('_')[1].isdigit())
+    held = ', '.join(f'checkpoint_{n}' for n in have) or 'none: train the score model first'
+    raise FileNotFoundError(f"score checkpoint '{path}' not found ({root} holds {held}): set "
+                            '--config.eval.ckpt_id to the score checkpoint to train the '
+                            'dequantizer for.')
+  return number, path
+
+
+def load_score_model(config, workdir, mesh):
+  """(sde, model, params_ema, model_state, path) of workdir/checkpoints/checkpoint_{eval.ckpt_id}
+  (as score_flow's train_deq; never another one), replicated over the mesh."""
   import sde_lib  # pylint: disable=import-outside-toplevel
+  number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
-  ckpt_root = os.path.join(workdir, layout.CHECKPOINTS)
-  if not os.path.isdir(ckpt_root):
-    raise FileNotFoundError(f"'{ckpt_root}' does not exist: train the score model first "
-                            f'(--mode train --workdir {workdir}).')
-  ckpt_dir = checkpoints.CheckpointDir(ckpt_root, create=False)
+  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, layout.CHECKPOINTS), create=False)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   state = parallel.replicate(state, mesh)
-  if number:
-    if number not in ckpt_dir.numbers():
-      raise FileNotFoundError(f"'{ckpt_dir.path(number)}' does not exist: set "
-                              f'--config.deq.score_ckpt to one of {ckpt_dir.numbers()} '
-                              '(0 = newest).')
-    state, path = ckpt_dir.restore(number, state), ckpt_dir.path(number)
-  else:
-    state, path = checkpoints.restore_latest([ckpt_dir], state)
-    if path is None:
-      raise FileNotFoundError(f"'{ckpt_root}' holds no readable checkpoint: train the score "
-                              'model first.')
-  ckpt_dir.close()
+  try:
+    state = ckpt_dir.restore(number, state)
+  finally:
+    ckpt_dir.close()
   return sde, model, state.params_ema, state.model_state, path
 
 
@@ -100,7 +111,7 @@ def init_deq_state(config, rng, init_images, mesh=None):
   rng, init_rng = jax.random.split(rng)
   init_images = None if init_images is None else np.asarray(init_images, np.float32)
   deq_model, params = flowpp.init_dequantizer(init_rng, config, batch=init_images,
-                                              jit=config.deq.model == 'tiny')
+                                              jit=flowpp.model_name(config) == 'tiny')
   tx = get_deq_optimizer(config)
   state = ts.create_train_state(rng, config, deq_model, params, {}, tx)
   return deq_model, tx, state
@@ -164,10 +175,12 @@ def _log_to_file(deq_dir):
 
 
 def train_deq(config, workdir, deq_folder='deq'):
-  """Train the Flow++ dequantizer of config.deq for the score model of workdir; resumes from the
-  newest checkpoint under the dequantizer's directory. Returns the final (replicated) state."""
-  _check_config(config)
+  """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
+  model; resumes from the newest checkpoint under the dequantizer's directory. Returns the final
+  (replicated) state."""
+  check_config(config, workdir)
   import datasets  # pylint: disable=import-outside-toplevel
+  from models import flowpp  # pylint: disable=import-outside-toplevel
 
   deq_dir = deq_dir_of(workdir, deq_folder)
   if jax.process_index() == 0:
@@ -177,7 +190,7 @@ def train_deq(config, workdir, deq_folder='deq'):
     t = config.training
     mesh = parallel.make_mesh()
     sde, score_model, score_params, score_state, score_path = load_score_model(
-      config, workdir, mesh, config.deq.score_ckpt)
+      config, workdir, mesh)
     logging.info('Loaded the score model (EMA params) from %s.', score_path)
 
     datasets.tf.random.set_seed(config.seed + jax.process_index())
@@ -211,7 +224,8 @@ def train_deq(config, workdir, deq_folder='deq'):
       what='dequantizer', lr_flag='deq.lr', progress_desc='dequantizer')
     if jax.process_index() == 0:
       logging.info('Starting dequantizer training at step %d of %d (%s, %d devices, batch %d).',
-                   initial_step, config.deq.n_iters, config.deq.model, jax.device_count(),
+                   initial_step, config.deq.n_iters, flowpp.model_name(config),
+                   jax.device_count(),
                    t.batch_size)
     try:
       return train_lib.run_loop(config, loop, state, ckpt_dir, meta_dir)
@@ -287,8 +301,8 @@ def make_dequantize_fn(deq_model, params):
 
 
 def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound=False, N=100):
-  """(uniform bpd (B,), dequantized bpd (B,)) of the EMA score model of workdir on 8-bit
-  `images` in [0, 1], averaged over `repeats` draws of the dequantization noise.
+  """(uniform bpd (B,), dequantized bpd (B,)) of the EMA score model checkpoint eval.ckpt_id of
+  workdir on 8-bit `images` in [0, 1], averaged over `repeats` draws of the dequantization noise.
 
   bound=False: the probability-flow ODE (likelihood.get_likelihood_fn, config.eval.rtol/atol,
   one Hutchinson probe per repeat shared by both routes); bound=True: score_flow's variational
@@ -299,8 +313,7 @@ def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound
   import datasets  # pylint: disable=import-outside-toplevel
   import likelihood  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh()
-  sde, model, params, model_state, _ = load_score_model(config, workdir, mesh,
-                                                        config.deq.score_ckpt)
+  sde, model, params, model_state, _ = load_score_model(config, workdir, mesh)
   scaler = datasets.get_data_scaler(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config)
   eps = config.training.smallest_time

@@ -168,24 +168,52 @@ def test_bad_input(tmp_path):
   config = tiny_config()
   config.deq.model = 'huge'
   with pytest.raises(ValueError, match='deq.model'):
-    deq_lib._check_config(config)  # pylint: disable=protected-access
+    deq_lib.check_config(config)
   config = tiny_config()
   config.deq.n_iters = 0
   with pytest.raises(ValueError, match='deq.n_iters'):
-    deq_lib._check_config(config)  # pylint: disable=protected-access
+    deq_lib.check_config(config)
   with pytest.raises(FileNotFoundError, match='train_deq'):
     deq_lib.load_dequantizer(tiny_config(), str(tmp_path))
   with pytest.raises(FileNotFoundError, match='train the score model'):
     deq_lib.load_score_model(tiny_config(), str(tmp_path), None)
+  config = tiny_config()
+  config.data.dataset = 'DIGITS'
+  config.deq.model = 'auto'  # score_flow built no dequantizer for DIGITS
+  with pytest.raises(ValueError, match='config.deq.model'):
+    deq_lib.check_config(config)
 
 
+def test_score_checkpoint_is_the_one_eval_ckpt_id_names(tmp_path):
+  """train_deq takes checkpoint_{eval.ckpt_id} (score_flow's field), never the newest; a missing
+  one is refused in one line naming the field, before the data, the model or the deq folder."""
+  ckpts = tmp_path / 'checkpoints'
+  for n in (1, 2):
+    (ckpts / f'checkpoint_{n}').mkdir(parents=True)
+  (ckpts / 'checkpoint_3.orbax-checkpoint-tmp-1').mkdir()  # an unfinished save is not one
+  config = tiny_config()
+  assert config.eval.ckpt_id == 1 and 'score_ckpt' not in config.deq
+  found = deq_lib._score_checkpoint(config, str(tmp_path))
+  assert found == (1, str(ckpts / 'checkpoint_1'))
+  config.eval.ckpt_id = 26  # the original's default
+  with pytest.raises(FileNotFoundError) as err:
+    deq_lib.check_config(config, str(tmp_path))
+  msg = str(err.value)
+  assert '\n' not in msg and '--config.eval.ckpt_id' in msg and 'checkpoint_26' in msg
+  assert 'holds checkpoint_1, checkpoint_2)' in msg
+  with pytest.raises(FileNotFoundError, match='--config.eval.ckpt_id'):
+    deq_lib.train_deq(config, str(tmp_path), str(tmp_path / 'deq'))
+  assert not (tmp_path / 'deq').exists()
+  with pytest.raises(FileNotFoundError, match='train the score model first'):
+    deq_lib.load_score_model(config, str(tmp_path / 'empty'), None)
 
 
 @pytest.mark.slow
 def test_cli_train_deq_then_eval_with_dequantizer(trained, tmp_path):
-  """main.py --mode train_deq on the shared tiny DIGITS checkpoint (2 steps, then a resumed rerun
-  to 4), then --mode eval with --config.eval.dequantizer=True and with uniform noise on the same
-  batch: per-batch bits/dim with the dequantizer = ODE bpd of its y + the log q correction.
+  """main.py --mode train_deq on the shared tiny DIGITS checkpoint_2 (eval.ckpt_id; 2 steps, then a
+  resumed rerun to 4), then --mode eval with --config.eval.dequantizer=True and with uniform noise
+  on the same batch: per-batch bits/dim with the dequantizer = ODE bpd of its y + the log q
+  correction.
 
   Not asserted: dequantized bpd < uniform bpd. For a score model trained a few steps the density
   is flat at the scale of one 8-bit bin, where the uniform q is optimal (E[bpd_correction] =
@@ -197,11 +225,13 @@ def test_cli_train_deq_then_eval_with_dequantizer(trained, tmp_path):
   common = ['--config=configs/tiny/digits_deq.py', f'--workdir={wd}',
             '--config.training.log_freq=1', '--config.training.eval_freq=2',
             '--config.training.snapshot_freq=2', '--config.training.snapshot_freq_for_preemption=2',
-            '--config.training.batch_size=8', '--config.deq.warmup=1']
+            '--config.training.batch_size=8', '--config.deq.warmup=1',
+            '--config.eval.ckpt_id=2']  # the score checkpoint evaluated below
   ok(run_main(common + ['--mode=train_deq', '--config.deq.n_iters=2']))
   ok(run_main(common + ['--mode=train_deq', '--config.deq.n_iters=4']))
   log = (wd / 'deq' / 'stdout.txt').read_text()
   assert 'Resuming dequantizer training from' in log and 'step: 4, training_loss:' in log
+  assert os.path.join('checkpoints', 'checkpoint_2') in log.split('Loaded the score model')[1]
   assert sorted(os.listdir(wd / 'deq' / 'checkpoints')) == ['checkpoint_1', 'checkpoint_2']
   evals = ['--mode=eval', '--config.eval.begin_ckpt=2', '--config.eval.end_ckpt=2',
            '--config.eval.batch_size=4', '--config.eval.num_bpd_batches=1',

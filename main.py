@@ -181,6 +181,8 @@ def main(argv):
       _setup_file_logging(os.path.join(workdir, FLAGS.eval_folder))
       run_lib.evaluate(config, workdir, FLAGS.eval_folder, FLAGS.deq_folder)
     elif FLAGS.mode == 'train_deq':
+      import deq_lib  # pylint: disable=import-outside-toplevel
+      deq_lib.check_config(config, workdir)  # before the dequantizer's folder is made
       new_workdir = os.path.join(workdir, FLAGS.deq_folder)
       os.makedirs(new_workdir, exist_ok=True)
       _setup_file_logging(new_workdir)

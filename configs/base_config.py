@@ -54,7 +54,7 @@ def get_base_config():
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 1
   evaluate.end_ckpt = 1
-  evaluate.ckpt_id = 1
+  evaluate.ckpt_id = 1  # the score checkpoint --mode train_deq trains the dequantizer for
   evaluate.batch_size = 1024
   evaluate.enable_sampling = False
   evaluate.num_samples = 50000
@@ -87,15 +87,15 @@ def get_base_config():
   deq.ema_rate = 0.99
   deq.dropout = 0.0
   deq.offset = True
-  deq.model = 'cifar10'  # NEW: Flow++ variant: 'cifar10', 'imagenet32', 'imagenet64' or 'tiny'
+  # NEW: Flow++ variant. 'auto' builds the one score_flow built for the dataset (CIFAR10:
+  # 'cifar10'; ImageNet 32 / 64: 'imagenet32' / 'imagenet64'); or name 'cifar10', 'imagenet32',
+  # 'imagenet64' or 'tiny' (CPU tests).
+  deq.model = 'auto'
   # NEW: the dequantizer's Adam (score_flow reused config.optim: lr 2e-4, warmup 5000, clip 1 in
   # every config; beta1, eps and weight decay still come from config.optim).
   deq.lr = 2e-4
   deq.warmup = 5000
   deq.grad_clip = 1.
-  # NEW: checkpoint_N of workdir/checkpoints whose EMA score model the dequantizer is trained
-  # for (score_flow used eval.ckpt_id); 0 = the newest.
-  deq.score_ckpt = 0
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'

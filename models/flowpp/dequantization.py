@@ -3,7 +3,9 @@
 A flow maps u ~ N(0, I) (the image's shape) to noise in (0, 1)^D conditioned on the image x in
 [0, 1]: checkerboard (column) split, then per coupling step ActNorm, [invertible 1x1 conv],
 mixture-of-logistics coupling conditioned on the other half and on features of x, swap halves;
-merge; sigmoid. One module serves every variant; `VARIANTS` holds the original sizes.
+merge; sigmoid. One module serves every variant; `VARIANTS` holds the original sizes, and
+config.deq.model='auto' (the default) picks one by dataset and image size as score_flow did
+(`auto_variant`).
 
 Parameter tree: 'processor' (context), 'norm_k', 'pointwise_k' (cifar10), 'coupling_k'
 (k = 0, 1, ... over all stages); inside each, flat names as score_flow ('proj_W', 'c0_c1_W',
@@ -64,11 +66,31 @@ VARIANTS = {
 }
 
 
+AUTO = 'auto'  # config.deq.model default: the variant score_flow built for the dataset
+
+
 def get_variant(name):
+  """The FlowppVariant of an explicit name, refused in one line if unknown."""
   if name not in VARIANTS:
-    raise ValueError(f'unknown dequantizer model {name!r}; set config.deq.model to one of '
-                     f'{sorted(VARIANTS)}.')
+    raise ValueError(f'unknown dequantizer model {name!r}; set config.deq.model to {AUTO!r} or '
+                     f'one of {sorted(VARIANTS)}.')
   return VARIANTS[name]
+
+
+def auto_variant(dataset, image_size):
+  """The variant name score_flow's models/utils.py built for a dataset, so defaults match it.
+
+  CIFAR10 (any size) -> 'cifar10'; ImageNet 32x32 -> 'imagenet32', 64x64 -> 'imagenet64'. The
+  original built nothing for other data (it failed), so those need an explicit config.deq.model.
+  """
+  name = str(dataset).lower()
+  if name == 'cifar10':
+    return 'cifar10'
+  if name == 'imagenet' and image_size in (32, 64):
+    return f'imagenet{image_size}'
+  raise ValueError(f'config.deq.model={AUTO!r} picks a dequantizer only for CIFAR10 and ImageNet '
+                   f'32x32 / 64x64 (as score_flow); for {dataset} at {image_size}x{image_size} '
+                   f'set --config.deq.model to one of {sorted(VARIANTS)}.')
 
 
 def _split(h, inverse):

@@ -14,7 +14,12 @@ Differences from the original code, all deliberate:
   kernel, the same function class); here every convolution is NHWC/HWIO;
 - layer-norm scales are (C,) instead of (1, 1, 1, C);
 - logit(CDF) is computed as log F - log(1 - F) instead of clipping F, and its inverse bisects in
-  logit space; identical maps, exact where F rounds to 0 or 1 in float32.
+  logit space; identical maps, exact where F rounds to 0 or 1 in float32;
+- imagenet64: the original named every gated block's output conv 'c2' (flax refuses the repeated
+  parameter name from the second block on) and made position embeddings ('pos_emb',
+  'pos_emb_dq') that nothing used; here each block has its own name and no unused parameter;
+- the couplings' first and last convs are 'proj_in' / 'proj_out' in every variant (the ImageNet
+  originals: 'c1' / '<last block>_c2'; cifar10: 'proj_in' / '<last block>_proj_out').
 Every layer's __call__ returns (output, logdet) with logdet the per-example log |det d out / d in|
 of the direction it ran in (None for volume-preserving reshapes).
 """

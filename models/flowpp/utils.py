@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .dequantization import Dequantization, get_variant
+from .dequantization import AUTO, Dequantization, auto_variant, get_variant
 
 
 def std_normal_logpdf(u):
@@ -32,9 +32,18 @@ def neg_log_q(u, sldj):
   return sldj - std_normal_logpdf(u)
 
 
+def model_name(config):
+  """config.deq.model, with 'auto' resolved from config.data as score_flow chose (auto_variant)."""
+  name = config.deq.model
+  if name == AUTO:
+    return auto_variant(config.data.dataset, config.data.image_size)
+  get_variant(name)  # unknown -> ValueError naming the field
+  return name
+
+
 def get_model(config):
   """The (uninitialised) Dequantization module of config.deq.model with config.deq.dropout."""
-  return Dequantization(variant=get_variant(config.deq.model), dropout=float(config.deq.dropout))
+  return Dequantization(variant=get_variant(model_name(config)), dropout=float(config.deq.dropout))
 
 
 def _check_batch(config, batch):

@@ -1,12 +1,14 @@
-"""The full-size variants build (shapes only), and the imagenet32 / imagenet64 wiring (weight
-norm, two split stages, attention in the context processor, couplings without attention) passes
-the same checks as the tiny variant at a few channels."""
+"""config.deq.model 'auto' picks score_flow's variant per dataset; every variant builds (shapes
+only) at full size and on a small input; the imagenet32 / imagenet64 wiring (weight norm, two split
+stages, attention in the context processor, couplings without attention) passes the same checks as
+the tiny variant at a few channels."""
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
 
+from configs.base_config import get_base_config
 from models import flowpp
 from models.flowpp.dequantization_test import build, check_data_init, check_flow, tiny_config
 
@@ -63,3 +65,66 @@ def small(request):
 def test_small_wiring_data_init_and_flow(small):
   check_data_init(small)
   check_flow(small)
+
+
+# score_flow models/utils.py data_dependent_init_of_dequantizer: CIFAR10 -> dequantization_cifar10
+# (at any size), ImageNet 32 -> dequantization_imagenet32, ImageNet 64 -> dequantization_imagenet64.
+AUTO = [('CIFAR10', 32, 'cifar10'), ('CIFAR10', 16, 'cifar10'), ('cifar10', 32, 'cifar10'),
+        ('ImageNet', 32, 'imagenet32'), ('ImageNet', 64, 'imagenet64')]
+
+
+@pytest.mark.parametrize('dataset,size,expected', AUTO)
+def test_auto_picks_the_original_variant_per_dataset(dataset, size, expected):
+  config = get_base_config()
+  assert config.deq.model == flowpp.AUTO  # the default
+  config.data.dataset, config.data.image_size = dataset, size
+  assert flowpp.model_name(config) == expected
+  assert flowpp.get_model(config).variant == flowpp.VARIANTS[expected]
+
+
+def test_auto_from_the_shipped_configs_and_explicit_names():
+  from configs.subvp import imagenet32_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
+  from configs.tiny import digits_deq  # pylint: disable=import-outside-toplevel
+  from configs.vp import cifar10_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
+  assert flowpp.model_name(cifar10_ddpmpp_continuous.get_config()) == 'cifar10'
+  assert flowpp.model_name(imagenet32_ddpmpp_continuous.get_config()) == 'imagenet32'
+  assert flowpp.model_name(digits_deq.get_config()) == 'tiny'
+  config = get_base_config()
+  config.data.dataset, config.data.image_size = 'ImageNet', 64
+  for name in flowpp.VARIANTS:  # an explicit name wins over the dataset
+    config.deq.model = name
+    assert flowpp.model_name(config) == name and flowpp.get_model(config).variant.filters == (
+      flowpp.VARIANTS[name].filters)
+
+
+@pytest.mark.parametrize('dataset,size', [('DIGITS', 16), ('ImageNet', 128), ('LSUN', 64),
+                                          ('NPZ', 32)])
+def test_auto_refuses_what_the_original_could_not_build(dataset, size):
+  config = get_base_config()
+  config.data.dataset, config.data.image_size = dataset, size
+  with pytest.raises(ValueError, match=r"^config.deq.model='auto' .* set --config.deq.model"):
+    flowpp.model_name(config)
+  config.deq.model = 'imagenet65'
+  with pytest.raises(ValueError, match="'auto' or one of"):
+    flowpp.model_name(config)
+
+
+@pytest.mark.parametrize('name', sorted(flowpp.VARIANTS))
+def test_every_variant_initialises_on_a_small_input(name):
+  """8x8 images, batch 2, shapes only (jax.eval_shape): the init and both directions."""
+  config = tiny_config(model=name, size=8)
+  config.training.batch_size = 2
+  model = flowpp.get_model(config)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), np.float32)
+  params = jax.eval_shape(lambda r, x: flowpp.init_dequantizer(r, config, batch=x)[1],
+                          jax.random.PRNGKey(0), x)
+  v = flowpp.VARIANTS[name]
+  assert len([k for k in params if k.startswith('coupling_')]) == v.stages * v.couplings_per_stage
+  assert params['coupling_0']['proj_out_b'].shape == (3 * (2 + 3 * v.components),)
+  if v.coupling_attn:
+    assert params['coupling_0']['pos_emb'].shape == (8, 4, v.filters)
+  for inverse in (False, True):
+    out, sldj = jax.eval_shape(
+      lambda p, u, x, inverse=inverse: model.apply({'params': p}, u, x, inverse=inverse),
+      params, x, x)
+    assert out.shape == x.shape and out.dtype == np.float32 and sldj.shape == (2,)
