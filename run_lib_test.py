@@ -77,14 +77,15 @@ def test_order1_writes_checkpoints_tensorboard_samples(trained):
 @pytest.mark.parametrize('order', [2, 3])
 def test_high_orders_train(tmp_path, order):
   workdir = tmp_path / 'wd'
-  r = _ok(run_main(train_args(workdir, n_iters=1, order=order, freq=1, eval_freq=1000)))
+  # Snapshot sampling does not depend on the order (the order-1 runs above check it).
+  r = _ok(run_main(train_args(workdir, n_iters=1, order=order, freq=1, eval_freq=1000,
+                              sampling=False)))
   losses = logged_losses((workdir / 'stdout.txt').read_text())
   loss, l1, l2, l3 = losses[1]
   assert np.isfinite([loss, l1, l2, l3]).all() and l2 > 0
   assert (l3 > 0) if order == 3 else (l3 == 0)
   np.testing.assert_allclose(loss, l1 + l2 + l3, rtol=1e-4)
   assert os.listdir(workdir / 'checkpoints') == ['checkpoint_1']
-  assert (workdir / 'samples' / 'iter_1' / 'sample.png').exists()
   del r
 
 
