@@ -35,7 +35,7 @@ import checkpoints
 import layout
 import parallel
 import train_lib
-from layout import deq_dir_of  # pylint: disable=unused-import
+from layout import deq_dir_of
 
 
 def get_deq_optimizer(config):
