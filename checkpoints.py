@@ -28,6 +28,8 @@ import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 
+import layout
+
 PREFIX = 'checkpoint'
 _NAME_RE = re.compile(r'^' + PREFIX + r'_(\d+)$')
 FORMAT = 'mle_score_ode_jax/1'
@@ -240,11 +242,7 @@ def check_readable(path):
 
 
 def _step_dirs(directory):
-  try:
-    names = os.listdir(directory)
-  except OSError:
-    return []
-  return sorted((int(m.group(1)) for m in map(_NAME_RE.match, names) if m), reverse=True)
+  return layout.checkpoint_numbers(directory)[::-1]
 
 
 def restore_raw(step_dir, sharding):

@@ -1,7 +1,6 @@
 """Up-front validation of a config and the CLI arguments, so that bad input fails in a second with
 one line naming the problem and the fix, before JAX compiles anything or a file is written."""
 import os
-import re
 import sys
 
 import jax
@@ -200,10 +199,8 @@ def validate_eval(config, workdir=None):
     missing = [n for n in range(e.begin_ckpt, e.end_ckpt + 1)
                if not os.path.isdir(layout.checkpoint_path(workdir, n))]
     if missing:
-      ckpt_dir = os.path.join(workdir, 'checkpoints')
-      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-      matches = map(re.compile(r'^checkpoint_(\d+)$').match, names)
-      have = sorted(int(m.group(1)) for m in matches if m)
+      ckpt_dir = os.path.join(workdir, layout.CHECKPOINTS)
+      have = layout.checkpoint_numbers(ckpt_dir)
       raise FileNotFoundError(
         f'checkpoint_{missing[0]} not found in {ckpt_dir} (it holds '
         f'{", ".join(f"checkpoint_{n}" for n in have) or "none"}): set --config.eval.begin_ckpt / '

@@ -78,9 +78,7 @@ def _score_checkpoint(config, workdir):
   path = layout.checkpoint_path(workdir, number)
   if not os.path.isdir(path):
     root = os.path.join(workdir, layout.CHECKPOINTS)
-    names = os.listdir(root) if os.path.isdir(root) else []
-    have = sorted(int(n.split('_')[1]) for n in names
-                  if n.startswith('checkpoint_') and n.split('_')[1].isdigit())
+    have = layout.checkpoint_numbers(root)
     held = ', '.join(f'checkpoint_{n}' for n in have) or 'none: train the score model first'
     raise FileNotFoundError(f"score checkpoint '{path}' not found ({root} holds {held}): set "
                             '--config.eval.ckpt_id to the score checkpoint to train the '

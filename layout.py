@@ -10,6 +10,7 @@ Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has t
   deq/                          the variational dequantizer (deq_lib.py), --deq_folder
 """
 import os
+import re
 
 TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
 TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
@@ -23,6 +24,7 @@ CHECKPOINTS_META = 'checkpoints-meta'
 SAMPLES = 'samples'
 EVAL_FOLDER = 'eval'
 DEQ_FOLDER = 'deq'
+_CHECKPOINT_RE = re.compile(r'^checkpoint_(\d+)$')
 
 
 def is_toy(config_or_name):
@@ -34,6 +36,16 @@ def is_toy(config_or_name):
 def checkpoint_path(workdir, number):
   """workdir/checkpoints/checkpoint_N as training writes it (a complete orbax folder)."""
   return os.path.join(workdir, CHECKPOINTS, f'checkpoint_{number}')
+
+
+def checkpoint_numbers(directory):
+  """The N of every checkpoint_N in directory, ascending ([] if it does not exist); unfinished
+  orbax saves (checkpoint_N.orbax-checkpoint-tmp-*) are not checkpoints."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(m.group(1)) for m in map(_CHECKPOINT_RE.match, names) if m)
 
 
 def deq_dir_of(workdir, deq_folder=DEQ_FOLDER):
