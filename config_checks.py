@@ -113,6 +113,15 @@ def validate_config(config, mode='train', workdir=None):
       raise ValueError(f'{name}={b} is not divisible by the {n_dev} devices ({n_proc} process'
                        f'{"es" if n_proc > 1 else ""}): '
                        f'set --config.{name} to a multiple of {n_dev}.')
+    n_micro = t.get('n_microbatches', 1)
+    if not isinstance(n_micro, int) or n_micro < 1 or (b // n_dev) % n_micro:
+      raise ValueError(f'training.n_microbatches={n_micro!r} does not divide the per-device batch '
+                       f'{b // n_dev} ({name}={b} over {n_dev} devices): set it to a divisor of '
+                       f'{b // n_dev}.')
+  import losses  # pylint: disable=import-outside-toplevel
+  if t.get('remat', 'none') not in losses.REMAT_POLICIES:
+    raise ValueError(f"training.remat is '{t.remat}': set --config.training.remat to one of "
+                     f"{', '.join(losses.REMAT_POLICIES)}.")
 
   from models import utils as mutils  # pylint: disable=import-outside-toplevel
   name = config.model.name

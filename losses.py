@@ -29,12 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import high_order
+from high_order import MAX_EXACT_JACOBIAN_DIM, exact_derivatives, flat  # pylint: disable=unused-import
 from optim import LR_SCHEDULES, get_lr_schedule, get_optimizer  # pylint: disable=unused-import
 from utils import batch_mul
 
 ORDERS = (1, 2, 3)
 NONFINITE_MODES = ('stop', 'skip')
-MAX_EXACT_JACOBIAN_DIM = 2
+# What the score network saves for the backward pass (jax.checkpoint policies); the rest is
+# recomputed: 'convs' keeps convolution and matmul outputs and recomputes the elementwise work
+# (normalisation, activations and their derivatives); 'nothing' recomputes the whole network.
+REMAT_POLICIES = {
+  'none': None,
+  'convs': lambda prim, *_, **__: prim.name in ('conv_general_dilated', 'dot_general'),
+  'nothing': jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _check_loss_options(score_matching_order, reduce_mean, loss_weights):
@@ -70,6 +79,8 @@ class LossOptions:
   ema_rate: float = 0.999
   ema_start: int = 0
   nonfinite: str = 'stop'
+  n_microbatches: int = 1  # the batch's rows are split into this many for memory (same update)
+  remat: str = 'none'  # a REMAT_POLICIES name: what the score network keeps for the backward pass
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_weights', tuple(self.loss_weights))  # hashable, as configs
@@ -77,6 +88,12 @@ class LossOptions:
     if self.nonfinite not in NONFINITE_MODES:
       raise ValueError(f"Unknown nonfinite mode {self.nonfinite!r}: set config.training.nonfinite "
                        "to 'stop' or 'skip'.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat policy {self.remat!r}: set config.training.remat to one of "
+                       f"{', '.join(REMAT_POLICIES)}.")
+    if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
+      raise ValueError(f'training.n_microbatches is {self.n_microbatches!r}: set it to 1 (no '
+                       'split) or a divisor of the per-device batch.')
 
   @classmethod
   def from_config(cls, config):
@@ -87,115 +104,13 @@ class LossOptions:
                importance_weighting=t.importance_weighting, smallest_time=t.smallest_time,
                score_matching_order=t.score_matching_order, loss_weights=tuple(t.loss_weights),
                exact_jacobian=t.exact_jacobian, ema_rate=config.model.ema_rate,
-               ema_start=config.model.get('ema_start', 0), nonfinite=t.nonfinite)
+               ema_start=config.model.get('ema_start', 0), nonfinite=t.nonfinite,
+               n_microbatches=t.get('n_microbatches', 1), remat=t.get('remat', 'none'))
 
 
 def _resolve_options(options, **loose):
   """`options` when given, else a LossOptions of the loose keywords (the public signatures')."""
   return options if options is not None else LossOptions(**loose)
-
-
-def _flat(x):
-  return x.reshape((x.shape[0], -1))
-
-
-def _inner(x, y):
-  """Per-example inner product of flat (B, D) arrays, kept as (B, 1)."""
-  return jnp.sum(x * y, axis=-1, keepdims=True)
-
-
-def _basis(x):
-  eye = jnp.eye(x.shape[1], dtype=x.dtype)
-  return [jnp.broadcast_to(eye[i], x.shape) for i in range(x.shape[1])]
-
-
-def _jacobian(fn, x):
-  """fn(x) and its per-example Jacobian J[b, i, j] = d fn_i / d x_j: one primal pass (linearize),
-  one unrolled tangent per dimension (vmapped tangents compile to much slower XLA:CPU dots)."""
-  value, fn_jvp = jax.linearize(fn, x)
-  return value, jnp.stack([fn_jvp(e) for e in _basis(x)], axis=-1)
-
-
-def exact_derivatives(fn, x, order):
-  """(s, J, grad_x tr J) of a per-example map fn on flat (B, D) data, D <= 2, exactly.
-
-  Order 2 needs s and J (grad_x tr J is None). Order 3 takes grad_x tr J by forward-over-forward
-  mode in 1-D (s'' from one nested jvp: 3 streams) and by reverse mode over the linearized
-  Jacobian in 2-D (the cheapest of the options in benchmarks/train_step.py --toy).
-  """
-  if order == 2:
-    return _jacobian(fn, x) + (None,)
-  if x.shape[1] == 1:
-    one = jnp.ones_like(x)
-    (s, d1), (_, d2) = jax.jvp(lambda y: jax.jvp(fn, (y,), (one,)), (x,), (one,))
-    return s, d1[:, :, None], d2
-
-  def trace_fn(y):
-    s, jac = _jacobian(fn, y)
-    return jnp.sum(jnp.trace(jac, axis1=1, axis2=2)), (s, jac)
-  grad_tr, (s, jac) = jax.grad(trace_fn, has_aux=True)(x)
-  return s, jac, grad_tr
-
-
-def _dsm_target(z, score, std):
-  """(sigma, sigma^2, c = z + sigma stop_grad(s)) as flat (B, 1), (B, 1), (B, D) arrays."""
-  std_ = std.reshape((z.shape[0], 1))
-  std2 = jnp.square(std_)
-  c = _flat(z) + _flat(jax.lax.stop_gradient(score)) * std_
-  return std_, std2, c
-
-
-def _hutchinson_losses(fn, perturbed, std, z, v, order, dim):
-  """(score, losses2, losses3 or None) of the Rademacher-probe (JVP) estimators of orders 2, 3.
-
-  fn(x) -> score at the batch's times; v is the probe (shape of the data). One JVP gives the score
-  and J v for order 2; order 3 differentiates <v, J v> in reverse mode over that JVP.
-  """
-  losses3 = None
-  if order == 2:
-    score, jv = jax.jvp(fn, (perturbed,), (v,))  # one pass gives the score and J v
-  else:
-    def vjv_fn(x):
-      s, jv = jax.jvp(fn, (x,), (v,))
-      return jnp.sum(v * jv), (s, jv)
-    # Reverse mode over the JVP: grad_x <v, J v> with the score and J v as by-products.
-    grad_vjv, (score, jv) = jax.grad(vjv_fn, has_aux=True)(perturbed)
-  std_, std2, c = _dsm_target(z, score, std)
-  vf, jvf = _flat(v), _flat(jv)
-  cv = _inner(c, vf)
-  vv = _inner(vf, vf)
-  vjv = _inner(vf, jvf)
-  frob = jnp.mean(jnp.square(std2 * jvf + vf - cv * c) / dim, axis=-1)
-  trace = jnp.square((std2 * vjv + vv - jnp.square(cv)) / dim)[:, 0]
-  losses2 = frob + trace
-  if order == 3:
-    vjv = jax.lax.stop_gradient(vjv)
-    jvf = jax.lax.stop_gradient(jvf)
-    resid = (std2 * std_ * _flat(grad_vjv) + jnp.square(cv) * c - (std2 * vjv + vv) * c
-             - 2 * cv * (std2 * jvf + vf))
-    losses3 = jnp.mean(jnp.square(resid / dim), axis=-1)
-  return score, losses2, losses3
-
-
-def _exact_jacobian_losses(fn, perturbed, std, z, order, dim):
-  """(score, losses2, losses3 or None) from the exact Jacobian (and grad tr J), dim <= 2.
-
-  toy.py's 'score_eps_second_jac' / 'score_eps_third': exact_derivatives of fn on flat data.
-  """
-  losses3 = None
-  flat_fn = lambda y: _flat(fn(y.reshape(perturbed.shape)))
-  score, jac, grad_tr = exact_derivatives(flat_fn, _flat(perturbed), order)
-  eye = jnp.eye(dim, dtype=perturbed.dtype)
-  std_, std2, c = _dsm_target(z, score, std)
-  a = std2[:, :, None] * jac + eye - c[:, :, None] * c[:, None, :]
-  losses2 = jnp.mean(jnp.square(a).reshape((perturbed.shape[0], -1)), axis=-1)
-  if order == 3:
-    jac = jax.lax.stop_gradient(jac)
-    tr = jnp.trace(jac, axis1=1, axis2=2)[:, None]
-    resid = (std2 * std_ * _flat(grad_tr) + _inner(c, c) * c - (std2 * tr + dim) * c
-             - 2 * jnp.einsum('bij,bj->bi', std2[:, :, None] * jac + eye, c))
-    losses3 = jnp.mean(jnp.square(resid), axis=-1)
-  return score, losses2, losses3
 
 
 def _first_order_losses(sde, data, t, z, std, score, options):
@@ -204,8 +119,8 @@ def _first_order_losses(sde, data, t, z, std, score, options):
   reduce_op = jnp.mean if options.reduce_mean else (lambda x, axis: 0.5 * jnp.sum(x, axis=axis))
   if options.likelihood_weighting and not options.importance_weighting:
     g2 = sde.sde(jnp.zeros_like(data), t)[1] ** 2
-    return reduce_op(_flat(jnp.square(score + batch_mul(z, 1. / std))), axis=-1) * g2
-  return reduce_op(_flat(jnp.square(batch_mul(score, std) + z)), axis=-1)
+    return reduce_op(flat(jnp.square(score + batch_mul(z, 1. / std))), axis=-1) * g2
+  return reduce_op(flat(jnp.square(batch_mul(score, std) + z)), axis=-1)
 
 
 def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_matching_order=1,
@@ -240,12 +155,52 @@ def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_mat
   else:
     fn = lambda x: score_fn(x, t, rng=rng)[0]
     if options.exact_jacobian:
-      score, losses2, losses3 = _exact_jacobian_losses(fn, perturbed, std, z, order, dim)
+      score, losses2, losses3 = high_order.exact_jacobian_losses(fn, perturbed, std, z, order, dim)
     else:
-      score, losses2, losses3 = _hutchinson_losses(fn, perturbed, std, z, v, order, dim)
+      score, losses2, losses3 = high_order.hutchinson_losses(fn, perturbed, std, z, v, order, dim)
     losses3 = zeros if losses3 is None else losses3
   losses1 = _first_order_losses(sde, data, t, z, std, score, options)
   return losses1, losses2, losses3, new_model_state
+
+
+def _draw(rng, sde, data, options):
+  """((t, z, v), model_rng): the times, DSM noise and Rademacher probe (None unless orders 2/3
+  without exact_jacobian) of a whole batch, drawn before any split into microbatches."""
+  t_rng, z_rng, v_rng, model_rng = jax.random.split(rng, 4)
+  if options.likelihood_weighting and options.importance_weighting:
+    t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (data.shape[0],),
+                                                           eps=options.smallest_time)
+  else:
+    t = jax.random.uniform(t_rng, (data.shape[0],), minval=options.smallest_time, maxval=sde.T)
+  z = jax.random.normal(z_rng, data.shape, data.dtype)
+  v = None
+  if options.score_matching_order > 1 and not options.exact_jacobian:
+    v = jax.random.rademacher(v_rng, data.shape, data.dtype)
+  return (t, z, v), model_rng
+
+
+def _summed_terms(sde, score_fn, data, draws, model_rng, options, batch_size):
+  """(loss, (new_state or None, [loss1, loss2, loss3])) of `data`'s rows, each term summed and
+  divided by batch_size (the whole batch's, so microbatch results add up to the batch means)."""
+  t, z, v = draws
+  terms = score_matching_losses(sde, score_fn, data, t, z, v, rng=model_rng, options=options)
+  means = jnp.stack([jnp.sum(x) for x in terms[:3]]) / batch_size
+  return jnp.dot(jnp.asarray(options.loss_weights, means.dtype), means), (terms[3], means)
+
+
+def microbatches(x, n):
+  """(n, B / n, ...) from (B, ...): microbatch m holds rows m, m + n, m + 2n, ..., so each
+  device's contiguous block of rows splits into local microbatches (no data moves)."""
+  return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+
+
+def remat_score_fn(score_fn, remat):
+  """score_fn(x, t, rng=None) under the jax.checkpoint policy REMAT_POLICIES[remat]."""
+  if REMAT_POLICIES[remat] is None:
+    return score_fn
+  checkpointed = jax.checkpoint(lambda x, t, rng: score_fn(x, t, rng=rng),
+                                policy=REMAT_POLICIES[remat])
+  return lambda x, t, rng=None: checkpointed(x, t, rng)
 
 
 def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,
@@ -264,29 +219,67 @@ def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,
     importance_weighting=importance_weighting, smallest_time=eps,
     score_matching_order=score_matching_order, loss_weights=loss_weights,
     exact_jacobian=exact_jacobian)
-  w1, w2, w3 = (float(w) for w in options.loss_weights)
-  eps = options.smallest_time
 
   def loss_fn(rng, score_fn, states, batch):
     data = batch['image']
-    t_rng, z_rng, v_rng, model_rng = jax.random.split(rng, 4)
-    if options.likelihood_weighting and options.importance_weighting:
-      t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (data.shape[0],), eps=eps)
-    else:
-      t = jax.random.uniform(t_rng, (data.shape[0],), minval=eps, maxval=sde.T)
-    z = jax.random.normal(z_rng, data.shape, data.dtype)
-    v = None
-    if options.score_matching_order > 1 and not options.exact_jacobian:
-      v = jax.random.rademacher(v_rng, data.shape, data.dtype)
-    losses1, losses2, losses3, new_state = score_matching_losses(
-      sde, score_fn, data, t, z, v, rng=model_rng, options=options)
-    if new_state is None:
-      new_state = states
-    loss1, loss2, loss3 = jnp.mean(losses1), jnp.mean(losses2), jnp.mean(losses3)
-    loss = w1 * loss1 + w2 * loss2 + w3 * loss3
-    return loss, (new_state, loss1, loss2, loss3)
+    draws, model_rng = _draw(rng, sde, data, options)
+    loss, (new_state, means) = _summed_terms(sde, score_fn, data, draws, model_rng, options,
+                                             data.shape[0])
+    return loss, (states if new_state is None else new_state, *means)
 
   return loss_fn
+
+
+def get_loss_and_grad_fn(sde, model, train, options, grad=True):
+  """fn(rng, params, states, batch) -> ((loss, (new_state, loss1, loss2, loss3)), grads).
+
+  The loss of get_sde_loss_fn and its gradient wrt params (None unless grad), accumulated over
+  options.n_microbatches slices of the batch (lax.scan, see `microbatches`): t, z and v are drawn
+  for the whole batch first, so any split gives the unsplit step's loss and gradient up to float
+  rounding (dropout masks are drawn per microbatch). The model state passes from one microbatch
+  to the next. The network runs under the options.remat policy.
+  """
+  from models import utils as mutils  # here, so that importing losses does not import models
+  n = options.n_microbatches
+
+  def part(params, states, data, draws, model_rng, batch_size):
+    score_fn = remat_score_fn(mutils.get_score_fn(sde, model, params, states, train=train,
+                                                  continuous=options.continuous,
+                                                  return_state=True), options.remat)
+    loss, (new_state, means) = _summed_terms(sde, score_fn, data, draws, model_rng, options,
+                                             batch_size)
+    # Same container types as the incoming state (a scan carry must keep its pytree structure).
+    new_state = states if new_state is None else jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(states), jax.tree_util.tree_leaves(new_state))
+    return loss, (new_state, means)
+
+  value_fn = (jax.value_and_grad(part, has_aux=True) if grad
+              else lambda *args: (part(*args), None))
+
+  def fn(rng, params, states, batch):
+    data = batch['image']
+    b = data.shape[0]
+    if b % n:
+      raise ValueError(f'A batch of {b} cannot be split into training.n_microbatches={n}: set '
+                       'it to a divisor of the per-device batch.')
+    draws, model_rng = _draw(rng, sde, data, options)
+    if n == 1:
+      (loss, (states, means)), grads = value_fn(params, states, data, draws, model_rng, b)
+    else:
+      def body(carry, xs):
+        loss, means, grads, states = carry
+        (part_loss, (states, part_means)), part_grads = value_fn(params, states, *xs, b)
+        if grad:
+          grads = jax.tree_util.tree_map(jnp.add, grads, part_grads)
+        return (loss + part_loss, means + part_means, grads, states), None
+      xs = (microbatches(data, n), jax.tree_util.tree_map(lambda a: microbatches(a, n), draws),
+            jax.random.split(model_rng, n))
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, params) if grad else None
+      init = (jnp.zeros((), data.dtype), jnp.zeros((3,), data.dtype), zeros, states)
+      (loss, means, grads, states), _ = jax.lax.scan(body, init, xs)
+    return (loss, (states, *means)), grads
+
+  return fn
 
 
 def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likelihood_weighting=True,
@@ -297,22 +290,15 @@ def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likeli
   The score of `model` comes from models.utils.get_score_fn (score_sde conventions); batch['image']
   is (B, ...) (images or flat vectors). Orders 2 and 3 need reduce_mean; exact_jacobian needs
   dim <= 2 (checked when the batch is seen). `options` (a LossOptions) replaces the loose
-  keywords. See the module docstring for the formulas.
+  keywords; its n_microbatches and remat apply. See the module docstring for the formulas.
   """
-  from models import utils as mutils  # here, so that importing losses does not import models
   options = _resolve_options(
     options, reduce_mean=reduce_mean, continuous=continuous,
     likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
     smallest_time=eps, score_matching_order=score_matching_order, loss_weights=loss_weights,
     exact_jacobian=exact_jacobian)
-  score_loss_fn = get_loss_from_score_fn(sde, options=options)
-
-  def loss_fn(rng, params, states, batch):
-    score_fn = mutils.get_score_fn(sde, model, params, states, train=train,
-                                   continuous=options.continuous, return_state=True)
-    return score_loss_fn(rng, score_fn, states, batch)
-
-  return loss_fn
+  fn = get_loss_and_grad_fn(sde, model, train, options, grad=False)
+  return lambda rng, params, states, batch: fn(rng, params, states, batch)[0]
 
 
 def _all_finite(tree):
@@ -354,18 +340,15 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
                      'config.training.continuous = True.')
   if train and optimize_fn is None:
     raise ValueError('A training step needs optimize_fn: pass losses.get_optimizer(config).')
+  grad_fn = get_loss_and_grad_fn(sde, model, train, options, grad=True)
   loss_fn = get_sde_loss_fn(sde, model, train, options=options)
 
   def step_fn(state, batch):
     rng, step_rng = jax.random.split(state.rng)
     if train:
-      grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
       (loss, (new_model_state, loss1, loss2, loss3)), grads = grad_fn(
         step_rng, state.params, state.model_state, batch)
       finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
-      # Same container types as the incoming state (a scan carry must keep its pytree structure).
-      new_model_state = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(state.model_state), jax.tree_util.tree_leaves(new_model_state))
       updates, new_opt_state = optimize_fn.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
       copy = state.step < options.ema_start

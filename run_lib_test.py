@@ -95,7 +95,9 @@ def test_rerun_resumes_from_checkpoints_meta(trained, tmp_path):
   # Interrupted after the pre-emption save of step 4, before the periodic one.
   shutil.rmtree(workdir / 'checkpoints' / 'checkpoint_2')
   before = (workdir / 'stdout.txt').read_text()
-  r = _ok(run_main(train_args(workdir, n_iters=6, sampling=False)))
+  # The rerun may split its batches (the state does not depend on training.n_microbatches).
+  r = _ok(run_main(train_args(workdir, n_iters=6, sampling=False,
+                              extra=['--config.training.n_microbatches=4'])))
   after = (workdir / 'stdout.txt').read_text()[len(before):]
   meta = os.path.join(str(workdir), 'checkpoints-meta', 'checkpoint_2')
   assert f'Resuming training from {meta} at step 4.' in after, r.stderr[-3000:]
@@ -198,9 +200,11 @@ def test_nonfinite_stops_with_exit_3_and_no_checkpoint(trained, tmp_path):
 
 
 def test_eight_devices_same_losses(trained, tmp_path):
-  """The same global batches on 8 simulated CPU devices give the 1-device loss trajectory."""
+  """The same global batches on 8 simulated CPU devices, each device's 2 rows split into 2
+  microbatches (training.n_microbatches), give the 1-device whole-batch loss trajectory."""
   workdir = tmp_path / 'wd'
-  _ok(run_main(train_args(workdir, n_iters=3, eval_freq=1000, sampling=False),
+  _ok(run_main(train_args(workdir, n_iters=3, eval_freq=1000, sampling=False,
+                          extra=['--config.training.n_microbatches=2']),
                env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}))
   log8 = (workdir / 'stdout.txt').read_text()
   assert '(8 devices, 1 process' in log8

@@ -15,7 +15,7 @@ Formulations:
 
 Toy MLP (--toy mog1d,checkerboard; on by default): the toy configs at batch 1000 with exact
 Jacobians and loss weights (1, 0.5, 0.1), formulation ours, each order-3 way of taking the exact
-derivatives (--toy-methods): 'ours' (losses.exact_derivatives: forward-over-forward in 1-D,
+derivatives (--toy-methods): 'ours' (high_order.exact_derivatives: forward-over-forward in 1-D,
 reverse over the linearized Jacobian in 2-D), 'vmap' (the previous code: vmapped tangents for J,
 reverse mode over them), 'jet' (Taylor mode, jax.experimental.jet; in 2-D along e1, e2, e1 + e2),
 'fwdfwd' (nested jvps; in 2-D the three pairs (1,1), (1,2), (2,2)).
@@ -36,6 +36,7 @@ import bench_common as bc  # also puts the repo root on sys.path
 import jax
 import jax.numpy as jnp
 
+import high_order
 import losses
 import sde_lib
 from models import utils as mutils
@@ -179,7 +180,7 @@ def _derivs_jet(fn, x, order):
   """Taylor mode: one order-2 jet per direction (e1; or e1, e2, e1 + e2 by polarisation)."""
   from jax.experimental import jet  # pylint: disable=import-outside-toplevel
   if order == 2:
-    return losses.exact_derivatives(fn, x, 2)
+    return high_order.exact_derivatives(fn, x, 2)
   d = x.shape[1]
   basis = losses._basis(x)  # pylint: disable=protected-access
   dirs = basis + ([] if d == 1 else [jnp.ones_like(x)])
@@ -194,7 +195,7 @@ def _derivs_jet(fn, x, order):
 def _derivs_fwdfwd(fn, x, order):
   """Forward over forward: one nested jvp per pair of directions."""
   if order == 2:
-    return losses.exact_derivatives(fn, x, 2)
+    return high_order.exact_derivatives(fn, x, 2)
   e = losses._basis(x)  # pylint: disable=protected-access
   d = x.shape[1]
 
@@ -210,7 +211,7 @@ def _derivs_fwdfwd(fn, x, order):
   return s, jnp.stack([j1, j2], -1), _hessian_trace_grad(h11, h12, h22, d)
 
 
-DERIVATIVE_METHODS = {'ours': losses.exact_derivatives, 'vmap': _derivs_vmap, 'jet': _derivs_jet,
+DERIVATIVE_METHODS = {'ours': high_order.exact_derivatives, 'vmap': _derivs_vmap, 'jet': _derivs_jet,
                       'fwdfwd': _derivs_fwdfwd}
 
 
@@ -265,12 +266,12 @@ def grad_step(loss_fn):
 def measure(config, formulation, order, timed, repeats, abstract, method='ours'):
   """(compile seconds, temp bytes, GFLOP (XLA cost analysis), median step seconds or None,
   all step times). `method`: the DERIVATIVE_METHODS entry used by exact-Jacobian losses."""
-  saved = losses.exact_derivatives
-  losses.exact_derivatives = DERIVATIVE_METHODS[method]
+  saved = high_order.exact_derivatives
+  high_order.exact_derivatives = DERIVATIVE_METHODS[method]
   try:
     return _measure(config, formulation, order, timed, repeats, abstract)
   finally:
-    losses.exact_derivatives = saved
+    high_order.exact_derivatives = saved
 
 
 def _measure(config, formulation, order, timed, repeats, abstract):
@@ -390,7 +391,7 @@ def main():
   notes = [
     'toy_*: the toy MLP (configs/toy/*_ve.py) at batch 1000 with exact Jacobians, one order-1 '
     'baseline; exact: M = the exact derivatives taken by method M (see the module docstring; '
-    'ours = losses.exact_derivatives, vmap = the previous code).',
+    'ours = high_order.exact_derivatives, vmap = the previous code).',
     'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
     f'{args.repeats} calls after compile (block_until_ready); temp = XLA temp_size_in_bytes.',
     'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '

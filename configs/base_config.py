@@ -38,6 +38,12 @@ def get_base_config():
   training.restore_optimizer = True
   # NEW: what a non-finite loss or gradient does: 'stop' (exit non-zero) or 'skip' (count it).
   training.nonfinite = 'stop'
+  # NEW: split each device's batch into this many microbatches whose gradients are summed inside
+  # the step (same update as the whole batch, for less memory); must divide the per-device batch.
+  training.n_microbatches = 1
+  # NEW: what the score network keeps for the backward pass: 'none', 'convs' (conv and matmul
+  # outputs; elementwise work is recomputed) or 'nothing' (losses.REMAT_POLICIES).
+  training.remat = 'none'
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = 'pc'
