@@ -19,11 +19,12 @@ from ml_collections.config_flags import config_flags
 FLAGS = flags.FLAGS
 
 
-def define_flags(flag_values):
-  """The CLI's flags on flag_values: FLAGS here; recipes_test parses the README's commands with a
-  fresh absl FlagValues, exactly as this CLI does."""
+def define_flags(flag_values, argv=None):
+  """The CLI's flags on flag_values: FLAGS here (config overrides found in sys.argv); recipes_test
+  parses the README's commands with a fresh absl FlagValues and their argv, as this CLI does."""
   fv = {'flag_values': flag_values}
-  config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True, **fv)
+  config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True,
+                                  sys_argv=argv, **fv)
   flags.DEFINE_string('workdir', None, 'Work directory.', **fv)
   flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
                     'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.',
