@@ -215,7 +215,12 @@ def markdown():
             f'{ORDER_FLOPS[2]}x / {ORDER_FLOPS[3]}x) at an assumed {ASSUMED_TFLOPS:.0f} TFLOP/s '
             f'sustained on one GPU; evals assume {ASSUMED_NFE} function evaluations per ODE '
             'solve (forward + one vector-Jacobian product for bits/dim, forward only for the '
-            'bound and sampling); Inception and the dequantizer\'s training are not counted.']
+            'bound and sampling); Inception and the dequantizer\'s training are not counted.', '',
+            'Paper numbers: REFERENCE.md\'s "This paper (VE, second / third order): 3.44 / 3.38 '
+            'bits/dim, FID 2.37 / 2.95" (CIFAR-10). It does not name the dequantization; they sit '
+            'in the uniform rows because the seed README says the models were not trained with '
+            f'variational dequantization. "{NOT_HELD}": see the paper (arXiv 2206.08265), whose '
+            'tables this project has not transcribed.']
   seen, stats = set(), {}  # each command once; fid_stats once per dataset (one stats file)
   for exp in EXPERIMENTS:
     config = load_config(exp.config)
