@@ -110,10 +110,12 @@ def last_checkpoint(n_iters, snapshot_freq):
 
 
 def workdir(exp, order):
+  """The fine-tuning run's workdir of one experiment and order (its evals read it too)."""
   return f'runs/paper/{exp.key}_order{order}'
 
 
 def _main(config, wd, mode, *args):
+  """A main.py command as an argument list (every flag --name=value, as recipes_test parses)."""
   return ['python', 'main.py', f'--config={config}', f'--workdir={wd}', f'--mode={mode}', *args]
 
 
@@ -151,6 +153,7 @@ def eval_commands(exp, order, result, ckpt, num_repeats):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+  """One result of one experiment and order: its commands, the paper's number, the hours."""
   exp: Experiment
   order: int
   result: str
@@ -160,6 +163,7 @@ class Row:
 
 
 def _hours(seconds):
+  """Seconds as hours with one decimal."""
   return f'{seconds / 3600:.1f}'
 
 
@@ -198,6 +202,7 @@ def rows():
 
 
 def _shell(argv):
+  """An argument list as the line README shows (no value needs quoting)."""
   return ' '.join(argv)
 
 

@@ -51,6 +51,7 @@ def _step_dirs(path):
 
 
 def _read_legacy(path):
+  """legacy_state_parts of a flax msgpack file (ValueError, one line, if it cannot be read)."""
   with open(path, 'rb') as f:
     try:
       raw = flax.serialization.msgpack_restore(f.read())
@@ -150,6 +151,7 @@ def _matched(src, target_state, names):
 
 
 def _report(kind, path, src, out, notes, tail):
+  """The one log line saying what was loaded from where."""
   n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out['params']))
   n_reshaped = len(notes['params'])
   step = src.get('step')
@@ -237,6 +239,7 @@ def legacy_state_parts(raw, path='<legacy>'):
 
 
 def _is_groupnorm_affine(path):
+  """Whether a flat path names a GroupNorm scale / bias (stored (1, 1, 1, C) by Flax < 0.3.6)."""
   parts = path.split('/')
   return parts[-1] in ('scale', 'bias') and len(parts) > 1 and 'GroupNorm' in parts[-2]
 
@@ -286,6 +289,7 @@ def match_tree(src, target, name='params', plan_only=False):
 
 
 def _fill_empty(tree, target):
+  """tree with the empty sub-dicts of target added (flatten drops them)."""
   if not isinstance(target, dict):
     return tree
   out = dict(tree)

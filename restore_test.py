@@ -175,6 +175,9 @@ def test_foreign_start_refused_by_shapes(tmp_path, damage, words):
     train_lib.check_restore_from(config, str(tmp_path / 'wd'))
   assert '\n' not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
   assert not (tmp_path / 'wd').exists()
+  # A workdir with checkpoints resumes them and ignores restore_from: nothing to refuse.
+  (tmp_path / 'resume' / 'checkpoints' / 'checkpoint_1').mkdir(parents=True)
+  train_lib.check_restore_from(config, str(tmp_path / 'resume'))
 
 
 def test_cli_refuses_a_foreign_start_before_any_work(tmp_path):
