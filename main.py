@@ -155,6 +155,7 @@ def _trace_to_file():
 
 
 def main(argv):
+  """absl's entry point: the job of the command line's flags (FLAGS)."""
   del argv
   run(FLAGS)
 
