@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import checkpoints
+import restore_from
 
 
 class _Net(nn.Module):
@@ -131,7 +132,7 @@ def test_legacy_msgpack_import(tmp_path):
   restored = flax.serialization.msgpack_restore(raw)
   assert restored['optimizer']['target']['GroupNorm_0']['scale'].shape == (1, 1, 1, 8)
   target = _state(0)
-  params, params_ema, model_state, report = checkpoints.load_weights(str(path), target, None)
+  params, params_ema, model_state, report = restore_from.load_weights(str(path), target, None)
   _assert_same(params, src.params)
   _assert_same(params_ema, src.params_ema)
   assert model_state == {}
@@ -145,7 +146,7 @@ def test_orbax_checkpoint_import(tmp_path):
   d.save(5, src)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for p in (tmp_path / 'checkpoints', tmp_path / 'checkpoints' / 'checkpoint_5'):
-    params, params_ema, _, report = checkpoints.load_weights(str(p), _state(0), sharding)
+    params, params_ema, _, report = restore_from.load_weights(str(p), _state(0), sharding)
     _assert_same(params, src.params)
     _assert_same(params_ema, src.params_ema)
     assert 'orbax checkpoint' in report and '33' in report
@@ -159,7 +160,7 @@ def test_legacy_mismatch_lists_paths(tmp_path):
   path = tmp_path / 'legacy.msgpack'
   path.write_bytes(_legacy_bytes(params, params, 0))
   with pytest.raises(ValueError) as e:
-    checkpoints.load_weights(str(path), _state(0), None)
+    restore_from.load_weights(str(path), _state(0), None)
   msg = str(e.value)
   assert '\n' not in msg
   assert 'missing in checkpoint: Dense_0/bias' in msg
@@ -169,10 +170,10 @@ def test_legacy_mismatch_lists_paths(tmp_path):
 
 def test_check_readable(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    checkpoints.check_readable(str(tmp_path / 'nope'))
+    restore_from.check_readable(str(tmp_path / 'nope'))
   junk = tmp_path / 'junk.txt'
   junk.write_text('hello')
   with pytest.raises(ValueError, match='not a flax msgpack'):
-    checkpoints.check_readable(str(junk))
+    restore_from.check_readable(str(junk))
   with pytest.raises(ValueError, match='holds no checkpoint_N'):
-    checkpoints.check_readable(str(tmp_path))
+    restore_from.check_readable(str(tmp_path))

@@ -145,8 +145,8 @@ def validate_config(config, mode='train', workdir=None):
                             '--config.data.path to the .npz file of the NPZ dataset.')
 
   if mode == 'train' and t.restore_from:
-    import checkpoints  # pylint: disable=import-outside-toplevel
-    checkpoints.check_readable(t.restore_from)
+    import restore_from  # pylint: disable=import-outside-toplevel
+    restore_from.check_readable(t.restore_from)
   if mode == 'eval':
     validate_eval(config, workdir)
   if mode == 'fid_stats':

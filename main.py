@@ -18,17 +18,27 @@ from ml_collections.config_flags import config_flags
 
 FLAGS = flags.FLAGS
 
-config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Work directory.')
-flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
-                  'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.')
-flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.')
-flags.DEFINE_string('deq_folder', 'deq', 'The folder name for dequantizer training.')
-flags.DEFINE_string('coordinator_address', None,
-                    'Multi-host: host:port of process 0 for jax.distributed.initialize.')
-flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
-flags.mark_flags_as_required(['workdir', 'config', 'mode'])
+
+def define_flags(flag_values, argv=None):
+  """The CLI's flags on flag_values: FLAGS here (config overrides found in sys.argv); recipes_test
+  parses the README's commands with a fresh absl FlagValues and their argv, as this CLI does."""
+  fv = {'flag_values': flag_values}
+  config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True,
+                                  sys_argv=argv, **fv)
+  flags.DEFINE_string('workdir', None, 'Work directory.', **fv)
+  flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
+                    'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.',
+                    **fv)
+  flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.', **fv)
+  flags.DEFINE_string('deq_folder', 'deq', 'The folder name for dequantizer training.', **fv)
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-host: host:port of process 0 for jax.distributed.initialize.', **fv)
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', **fv)
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.', **fv)
+  flags.mark_flags_as_required(['workdir', 'config', 'mode'], **fv)
+
+
+define_flags(FLAGS)
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -120,10 +130,11 @@ class _QuietLibraries(logging.Filter):
 
 
 def _setup_file_logging(directory):
-  """Log to both console and directory/stdout.txt (process 0 only), as the original."""
+  """Log to both console and directory/stdout.txt (process 0 only), as the original; returns the
+  file handler (None on other processes)."""
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
-    return
+    return None
   handler = logging.StreamHandler(open(os.path.join(directory, 'stdout.txt'), 'a'))
   handler.setFormatter(logging.Formatter(
     '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
@@ -131,6 +142,7 @@ def _setup_file_logging(directory):
   logger = logging.getLogger()
   logger.addHandler(handler)
   logger.setLevel('INFO')
+  return handler
 
 
 def _trace_to_file():
@@ -143,24 +155,30 @@ def _trace_to_file():
 
 
 def main(argv):
+  """absl's entry point: the job of the command line's flags (FLAGS)."""
   del argv
+  run(FLAGS)
+
+
+def run(fv):
+  """The job the parsed flags fv name (main.py's flags, see define_flags)."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   try:
-    config = FLAGS.config
+    config = fv.config
   except (IOError, OSError) as e:
     fail(f'config {_config_arg(sys.argv)} cannot be loaded: {str(e).splitlines()[0]}. Fix the path.')
   # Backend probing (e.g. 'Unable to initialize backend tpu') is not news on stderr.
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  if fv.coordinator_address:
+    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                               num_processes=fv.num_processes, process_id=fv.process_id)
 
   import config_checks  # pylint: disable=import-outside-toplevel
-  workdir = FLAGS.workdir
+  workdir, mode = fv.workdir, fv.mode
   try:
-    config_checks.validate_config(config, FLAGS.mode, workdir)
+    config_checks.validate_config(config, mode, workdir)
   except (ValueError, FileNotFoundError) as e:
     fail(e)
 
@@ -171,25 +189,28 @@ def main(argv):
     pass
   import run_lib  # pylint: disable=import-outside-toplevel
 
+  handler = None
   try:
-    if FLAGS.mode == 'train':
+    if mode == 'train':
+      import train_lib  # pylint: disable=import-outside-toplevel
+      train_lib.check_restore_from(config, workdir)  # before the workdir is made
       os.makedirs(workdir, exist_ok=True)
-      _setup_file_logging(workdir)
+      handler = _setup_file_logging(workdir)
       run_lib.train(config, workdir)
-    elif FLAGS.mode == 'eval':
-      os.makedirs(os.path.join(workdir, FLAGS.eval_folder), exist_ok=True)
-      _setup_file_logging(os.path.join(workdir, FLAGS.eval_folder))
-      run_lib.evaluate(config, workdir, FLAGS.eval_folder, FLAGS.deq_folder)
-    elif FLAGS.mode == 'train_deq':
+    elif mode == 'eval':
+      os.makedirs(os.path.join(workdir, fv.eval_folder), exist_ok=True)
+      handler = _setup_file_logging(os.path.join(workdir, fv.eval_folder))
+      run_lib.evaluate(config, workdir, fv.eval_folder, fv.deq_folder)
+    elif mode == 'train_deq':
       import deq_lib  # pylint: disable=import-outside-toplevel
       deq_lib.check_config(config, workdir)  # before the dequantizer's folder is made
-      new_workdir = os.path.join(workdir, FLAGS.deq_folder)
+      new_workdir = os.path.join(workdir, fv.deq_folder)
       os.makedirs(new_workdir, exist_ok=True)
-      _setup_file_logging(new_workdir)
+      handler = _setup_file_logging(new_workdir)
       run_lib.train_deq(config, workdir, new_workdir)
-    elif FLAGS.mode == 'fid_stats':
+    elif mode == 'fid_stats':
       os.makedirs(workdir, exist_ok=True)
-      _setup_file_logging(workdir)
+      handler = _setup_file_logging(workdir)
       run_lib.fid_stats(config, workdir)
   except run_lib.NonFiniteError as e:
     logging.error('%s', e)
@@ -197,6 +218,10 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     _trace_to_file()
     fail(e)
+  finally:
+    if handler is not None:  # a caller running several jobs in one process logs each to its own
+      logging.getLogger().removeHandler(handler)
+      handler.close()
 
 
 if __name__ == '__main__':

@@ -1,14 +1,18 @@
 """training.restore_from continues a checkpoint whole (as the original resumed released ones): a
 flax.optim msgpack written here in score_sde's layout gives Adam moments, step and schedule that
-the first update continues, checked against Adam computed by hand; bad files are refused."""
+the first update continues, checked against Adam computed by hand; bad files are refused, by the
+CLI before the workdir is made."""
 import flax
 import jax
 import numpy as np
 import pytest
 
 import checkpoints
+import restore_from
 import train_lib
+from configs.tiny import digits_ddpmpp
 from configs.toy import mog1d_ve
+from conftest import run_main, train_args
 
 STEP, WARMUP, LR, B1, B2 = 7, 10, 1e-2, 0.9, 0.999
 
@@ -32,18 +36,19 @@ def _config(tmp_path, legacy, **training):
   return config
 
 
-def _write_flax_optim(path, params, rng):
-  """score_sde's State: optimizer.{target, state.{step, param_states.*.{grad_ema, grad_sq_ema}}}."""
+def write_flax_optim(path, params, seed, step=STEP):
+  """score_sde's State, as flax.optim wrote it: optimizer.{target, state.{step,
+  param_states.*.{grad_ema, grad_sq_ema}}}, with random float32 Adam moments (numpy: no JAX op
+  to compile per shape); returns (mu, nu)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(rng, 2 * len(leaves))
-  mu = [np.asarray(0.01 * jax.random.normal(k, np.shape(x))) for k, x in zip(keys[::2], leaves)]
-  nu = [np.asarray(1e-4 * jax.random.uniform(k, np.shape(x)) + 1e-6)
-        for k, x in zip(keys[1::2], leaves)]
+  r = np.random.RandomState(seed)
+  mu = [(0.01 * r.randn(*np.shape(x))).astype(np.float32) for x in leaves]
+  nu = [(1e-4 * r.rand(*np.shape(x)) + 1e-6).astype(np.float32) for x in leaves]
   per_param = jax.tree_util.tree_unflatten(
     treedef, [{'grad_ema': m, 'grad_sq_ema': n} for m, n in zip(mu, nu)])
   host = jax.tree_util.tree_map(np.asarray, params)
-  state = {'step': np.asarray(STEP),
-           'optimizer': {'target': host, 'state': {'step': np.asarray(STEP),
+  state = {'step': np.asarray(step),
+           'optimizer': {'target': host, 'state': {'step': np.asarray(step),
                                                    'param_states': per_param}},
            'lr': np.float32(LR), 'model_state': {}, 'ema_rate': np.float32(0.999),
            'params_ema': host, 'rng': np.asarray([3, 4], np.uint32)}
@@ -61,7 +66,7 @@ def _adam(opt_state):
 def test_flax_optim_checkpoint_continues_adam_and_step(tmp_path):
   config = _config(tmp_path, tmp_path / 'checkpoint_7')
   _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
-  mu, nu = _write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, jax.random.PRNGKey(2))
+  mu, nu = write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, 2)
   state = train_lib.train(config, str(tmp_path / 'wd'))
   adam = _adam(state.opt_state)
   assert int(state.step) == STEP + 1 and int(adam.count) == STEP + 1
@@ -86,7 +91,7 @@ def test_flax_optim_checkpoint_continues_adam_and_step(tmp_path):
 def test_weights_only_starts_a_fresh_optimizer(tmp_path):
   config = _config(tmp_path, tmp_path / 'checkpoint_7', restore_optimizer=False, n_iters=1)
   _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
-  _write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, jax.random.PRNGKey(2))
+  write_flax_optim(tmp_path / 'checkpoint_7', fresh.params, 2)
   state = train_lib.train(config, str(tmp_path / 'wd'))
   assert int(state.step) == 1 and int(_adam(state.opt_state).count) == 1
   # lr 0 at the first warm-up step: the weights are the loaded ones.
@@ -97,8 +102,12 @@ def test_own_checkpoint_restores_the_whole_state(tmp_path):
   base = train_lib.train(_config(tmp_path, '', n_iters=3), str(tmp_path / 'base'))
   config = _config(tmp_path, tmp_path / 'base' / 'checkpoints', n_iters=4)
   _, tx, target = train_lib.build_state(config, jax.random.PRNGKey(5))
-  loaded, report = checkpoints.load_state(str(tmp_path / 'base' / 'checkpoints'), target, tx, None)
+  loaded, report = restore_from.load_state(str(tmp_path / 'base' / 'checkpoints'), target, tx, None)
   assert 'step 3 continue' in report
+  # The up-front check reads the same trees from the orbax metadata (shapes) and the step.
+  restore_from.check_fits(str(tmp_path / 'base' / 'checkpoints'), target, True, 4)
+  with pytest.raises(ValueError, match='trained 3 steps, training.n_iters is 3'):
+    restore_from.check_fits(str(tmp_path / 'base' / 'checkpoints'), target, True, 3)
   want, got = checkpoints.to_tree(base), checkpoints.to_tree(loaded)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
   state = train_lib.train(config, str(tmp_path / 'wd'))
@@ -109,18 +118,75 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
   config = _config(tmp_path, tmp_path / 'checkpoint_7')
   _, _, fresh = train_lib.build_state(config, jax.random.PRNGKey(1))
   path = tmp_path / 'checkpoint_7'
-  _write_flax_optim(path, fresh.params, jax.random.PRNGKey(2))
+  write_flax_optim(path, fresh.params, 2)
   good = path.read_bytes()
   path.write_bytes(good[:len(good) // 2])  # truncated
   with pytest.raises(ValueError, match='cannot be read as flax msgpack') as e:
-    checkpoints.load_state(str(path), fresh, None, None)
+    restore_from.load_state(str(path), fresh, None, None)
   assert '\n' not in str(e.value)
   other = {'step': np.asarray(1), 'optimizer': {'target': {'Dense_9': {'kernel': np.ones(3)}}}}
   path.write_bytes(flax.serialization.msgpack_serialize(other))  # another model's tree
   with pytest.raises(ValueError, match='do not match the model') as e:
-    checkpoints.load_state(str(path), fresh, None, None)
+    restore_from.load_state(str(path), fresh, None, None)
   assert '\n' not in str(e.value)
   path.write_bytes(good)
   config.training.n_iters = STEP  # nothing left to train after the checkpoint's step
   with pytest.raises(ValueError, match='n_iters'):
     train_lib.train(config, str(tmp_path / 'wd'))
+
+
+def _tiny_params(**model):
+  """Zero params of the DIGITS DDPM++ that conftest.SMALL shrinks (with `model` overrides), from
+  jax.eval_shape: nothing compiled."""
+  config = digits_ddpmpp.get_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  for k, v in model.items():
+    setattr(config.model, k, v)
+  state = jax.eval_shape(lambda r: train_lib.build_state(config, r)[2], jax.random.PRNGKey(0))
+  return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), state.params)
+
+
+def _foreign_file(path, damage):
+  """A start checkpoint at path: 'truncated' (a flax.optim file cut short), 'another model' (a
+  State of a one-layer net) or 'wrong config' (the DIGITS model at nf 16 instead of 32)."""
+  if damage == 'another model':
+    path.write_bytes(flax.serialization.msgpack_serialize(
+      {'step': np.asarray(1), 'optimizer': {'target': {'Dense_9': {'kernel': np.ones(3)}}}}))
+    return
+  write_flax_optim(path, _tiny_params(nf=16 if damage == 'wrong config' else 32),
+                   2)
+  if damage == 'truncated':
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize('damage,words', [
+  ('truncated', ['cannot be read as flax msgpack']),
+  ('another model', ['do not match the model', 'missing in checkpoint: AttnBlockpp_0/']),
+  ('wrong config', ['do not match the model', 'shape AttnBlockpp_0/GroupNorm_0/bias: '
+                    'checkpoint (16,) vs model (32,)'])])
+def test_foreign_start_refused_by_shapes(tmp_path, damage, words):
+  """train_lib.check_restore_from, what main.py runs before it makes the workdir."""
+  path = tmp_path / 'checkpoint_26'
+  _foreign_file(path, damage)
+  config = digits_ddpmpp.get_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.training.restore_from = str(path)
+  with pytest.raises(ValueError) as e:
+    train_lib.check_restore_from(config, str(tmp_path / 'wd'))
+  assert '\n' not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+  assert not (tmp_path / 'wd').exists()
+  # A workdir with checkpoints resumes them and ignores restore_from: nothing to refuse.
+  (tmp_path / 'resume' / 'checkpoints' / 'checkpoint_1').mkdir(parents=True)
+  train_lib.check_restore_from(config, str(tmp_path / 'resume'))
+
+
+def test_cli_refuses_a_foreign_start_before_any_work(tmp_path):
+  path = tmp_path / 'checkpoint_26'
+  _foreign_file(path, 'wrong config')
+  workdir = tmp_path / 'wd'
+  r = run_main(train_args(workdir, n_iters=STEP + 2, extra=[
+    f'--config.training.restore_from={path}']))
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert 'do not match the model' in lines[0] and 'vs model (32,)' in lines[0], lines[0]
+  assert not workdir.exists()

@@ -19,6 +19,7 @@ import checkpoints
 import config_checks
 import layout
 import parallel
+import restore_from
 
 
 class NonFiniteError(RuntimeError):
@@ -254,21 +255,31 @@ def restore_or_fine_tune(config, state, tx, mesh, ckpt_dir, meta_dir):
       logging.info('training.restore_from=%s is ignored: this workdir already has checkpoints.',
                    t.restore_from)
   elif t.restore_from and t.get('restore_optimizer', True):
-    loaded, report = checkpoints.load_state(t.restore_from, state, tx, parallel.replicated(mesh))
-    if int(loaded.step) >= t.n_iters:
-      raise ValueError(f'{t.restore_from} was trained {int(loaded.step)} steps, training.n_iters is '
-                       f'{t.n_iters}: fine-tuning continues its step count, so set '
-                       '--config.training.n_iters above it (or restore_optimizer=False).')
+    loaded, report = restore_from.load_state(t.restore_from, state, tx, parallel.replicated(mesh))
+    restore_from.check_steps_left(t.restore_from, int(loaded.step), t.n_iters)
     state = parallel.replicate(loaded, mesh)
     logging.info('Fine-tuning: %s', report)
   elif t.restore_from:
-    params, params_ema, model_state, report = checkpoints.load_weights(
+    params, params_ema, model_state, report = restore_from.load_weights(
       t.restore_from, state, parallel.replicated(mesh))
     fresh = state.replace(step=jnp.zeros_like(checkpoints.to_host(state.step)), params=params,
                           params_ema=params_ema, model_state=model_state, opt_state=tx.init(params))
     state = parallel.replicate(fresh, mesh)
     logging.info('Fine-tuning: %s', report)
   return state, restored_from is not None
+
+
+def check_restore_from(config, workdir):
+  """ValueError (one line naming the first mismatch) if training.restore_from cannot start this
+  config's model, before any folder is made or data read: its trees are matched on shapes to
+  jax.eval_shape of the initial state (no model built). Nothing to check when the workdir has
+  checkpoints already (the run resumes them and ignores restore_from)."""
+  t = config.training
+  if not t.restore_from or any(layout.checkpoint_numbers(os.path.join(workdir, d))
+                               for d in (layout.CHECKPOINTS, layout.CHECKPOINTS_META)):
+    return
+  target = jax.eval_shape(lambda rng: build_state(config, rng)[2], jax.random.PRNGKey(0))
+  restore_from.check_fits(t.restore_from, target, t.get('restore_optimizer', True), t.n_iters)
 
 
 def train(config, workdir, progress_desc='train', progress_position=None):
