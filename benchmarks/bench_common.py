@@ -52,6 +52,20 @@ def median_time(fn, *args, repeats=5):
   return statistics.median(times), times
 
 
+def interleaved_times(calls, repeats=5):
+  """{key: (median seconds, all seconds)} of calls {key: (fn, args)}, timed round-robin after one
+  warm-up call each, so that a change of load on a shared machine hits every key alike."""
+  for fn, args in calls.values():
+    block(fn(*args))
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, (fn, args) in calls.items():
+      start = time.perf_counter()
+      block(fn(*args))
+      times[k].append(time.perf_counter() - start)
+  return {k: (statistics.median(v), v) for k, v in times.items()}
+
+
 def fmt(x, digits=3):
   """Numbers for tables: None -> '-', floats with `digits` significant digits."""
   if x is None:

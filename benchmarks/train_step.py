@@ -263,18 +263,19 @@ def grad_step(loss_fn):
   return jax.jit(step)
 
 
-def measure(config, formulation, order, timed, repeats, abstract, method='ours'):
-  """(compile seconds, temp bytes, GFLOP (XLA cost analysis), median step seconds or None,
-  all step times). `method`: the DERIVATIVE_METHODS entry used by exact-Jacobian losses."""
+def measure(config, formulation, order, abstract, method='ours'):
+  """compile_step with the exact derivatives of exact-Jacobian losses taken by `method` (a
+  DERIVATIVE_METHODS entry)."""
   saved = high_order.exact_derivatives
   high_order.exact_derivatives = DERIVATIVE_METHODS[method]
   try:
-    return _measure(config, formulation, order, timed, repeats, abstract)
+    return compile_step(config, formulation, order, abstract)
   finally:
     high_order.exact_derivatives = saved
 
 
-def _measure(config, formulation, order, timed, repeats, abstract):
+def compile_step(config, formulation, order, abstract):
+  """(compiled step, its arguments, compile seconds, temp bytes, GFLOP (XLA cost analysis))."""
   sde, _ = sde_lib.get_sde(config)
   shape = (config.training.batch_size,) + mutils.get_data_shape(config)
   rng = jax.random.PRNGKey(0)
@@ -298,10 +299,7 @@ def _measure(config, formulation, order, timed, repeats, abstract):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflop = float(cost.get('flops', 0.)) / 1e9 if cost else None
-  if not timed:
-    return compile_s, temp, gflop, None, []
-  med, times = bc.median_time(compiled, rng, params, states, batch, repeats=repeats)
-  return compile_s, temp, gflop, med, times
+  return compiled, (rng, params, states, batch), compile_s, temp, gflop
 
 
 def main():
@@ -371,9 +369,13 @@ def main():
       plan = [(f, 'ours', o) for f in (full_formulations if abstract else formulations)
               for o in orders]
     base = None
-    for formulation, method, order in plan:
-      compile_s, temp, gflop, med, times = measure(config, formulation, order, not abstract,
-                                                   args.repeats, abstract, method)
+    compiled = [measure(config, f, o, abstract, m) for f, m, o in plan]
+    timings = {}
+    if not abstract:  # every step of this config timed round-robin (see bc.interleaved_times)
+      timings = bc.interleaved_times({i: c[:2] for i, c in enumerate(compiled)}, args.repeats)
+    for i, ((formulation, method, order), (_, _, compile_s, temp, gflop)) in enumerate(
+        zip(plan, compiled)):
+      med, times = timings.get(i, (None, []))
       if toy and order > 1:
         formulation = f'exact: {method}'
       if order == 1:
@@ -393,7 +395,8 @@ def main():
     'baseline; exact: M = the exact derivatives taken by method M (see the module docstring; '
     'ours = high_order.exact_derivatives, vmap = the previous code).',
     'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
-    f'{args.repeats} calls after compile (block_until_ready); temp = XLA temp_size_in_bytes.',
+    f'{args.repeats} calls after compile (block_until_ready), every step of a config timed '
+    'round-robin so load changes hit all alike; temp = XLA temp_size_in_bytes.',
     'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '
     "XLA cost_analysis()['flops'] of the compiled step (machine-independent).",
     'seed = the original mle_score_ode loss re-created (benchmarks/train_step.py '
