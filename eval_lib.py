@@ -319,7 +319,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
       eval_parts.write_summary_csv(eval_dir)
       logging.info('ckpt-%d --- %s', ckpt, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
-        if k != 'ckpt'))
+        if k != 'ckpt' and not isinstance(v, list)))
     parallel.sync(f'eval_ckpt_{ckpt}')
   return summary
 

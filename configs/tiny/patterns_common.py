@@ -34,9 +34,9 @@ def get_tiny_patterns_config():
 
   deq = config.deq
   deq.model = 'tiny'
-  deq.n_iters = 300
+  deq.n_iters = 600
   deq.ema_rate = 0.99
-  deq.lr = 3e-3
+  deq.lr = 2e-3
   deq.warmup = 20
   deq.grad_clip = 1.
   return config
