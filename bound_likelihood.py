@@ -121,11 +121,11 @@ def likelihood_bound(rng, score_fn, data, sde, dsm=True, eps=1e-5, importance_we
 
 def get_bound_fn(sde, model, inverse_scaler, dsm=True, eps=1e-5, importance_weighting=True,
                  offset=True, N=1000, hutchinson_type='Rademacher', data_is_images=True,
-                 return_nll=False):
+                 return_nll=False, bits=8):
   """score_flow's get_likelihood_bound_fn for a flax model (score by models.utils.get_score_fn,
   train=False, continuous=True). Returns the jitted
   bound_fn(rng, params, model_state, data) -> bpd (B,) (and nll (B,) nats if return_nll);
-  bits/dim with the 8-bit image offset as likelihood.nll_to_bpd."""
+  bits/dim with the b-bit image offset as likelihood.nll_to_bpd."""
   if data_is_images and inverse_scaler is None:
     raise ValueError('bits/dim of images need the inverse data scaler: pass inverse_scaler, or '
                      'data_is_images=False for flat (non-image) data.')
@@ -136,7 +136,7 @@ def get_bound_fn(sde, model, inverse_scaler, dsm=True, eps=1e-5, importance_weig
     nll = likelihood_bound(rng, score_fn, data, sde, dsm=dsm, eps=eps,
                            importance_weighting=importance_weighting, offset=offset, N=N,
                            hutchinson_type=hutchinson_type)
-    bpd = nll_to_bpd(nll, data.shape, inverse_scaler, data_is_images)
+    bpd = nll_to_bpd(nll, data.shape, inverse_scaler, data_is_images, bits)
     return (bpd, nll) if return_nll else bpd
 
   return bound_fn

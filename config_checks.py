@@ -133,6 +133,11 @@ def validate_config(config, mode='train', workdir=None):
       raise ValueError(f'data.image_size={size} cannot pass through {name} with ch_mult='
                        f'{tuple(config.model.ch_mult)} (it halves the size {k.bit_length() - 1} '
                        f'times): use an image size divisible by {k} or a shorter ch_mult.')
+  bits = config.data.get('num_bits', 8)
+  if not isinstance(bits, int) or not 1 <= bits <= 8 or (
+      bits != 8 and config.data.uniform_dequantization):
+    raise ValueError(f'data.num_bits is {bits!r}: set --config.data.num_bits to an integer in 1..8 '
+                     '(below 8 only with data.uniform_dequantization=False).')
   if config.data.dataset not in layout.KNOWN_DATASETS:
     raise ValueError(f"Unknown dataset '{config.data.dataset}': set --config.data.dataset to one "
                      f"of {', '.join(sorted(layout.KNOWN_DATASETS))}.")
@@ -186,6 +191,14 @@ def validate_eval(config, workdir=None):
   if e.hutchinson_type not in ('Rademacher', 'Gaussian'):
     raise ValueError(f"eval.hutchinson_type is '{e.hutchinson_type}': set it to 'Rademacher' or "
                      "'Gaussian'.")
+  deq = layout.dequantizer_name(e.dequantizer)
+  k = e.get('num_deq_samples', 1)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'eval.num_deq_samples is {k!r}: set --config.eval.num_deq_samples to an '
+                     'integer >= 1 (1: the usual one-draw bits/dim).')
+  if layout.is_toy(config) and (deq != 'uniform' or k > 1):
+    raise ValueError(f'{config.data.dataset} is continuous toy data, not dequantized: leave '
+                     'eval.dequantizer and eval.num_deq_samples at their defaults.')
   if e.enable_bpd and e.bound and e.bound_num_times < 1:
     raise ValueError(f'eval.bound_num_times is {e.bound_num_times}: set it to 1 or more.')
   if e.enable_sampling:

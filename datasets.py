@@ -9,8 +9,8 @@ local devices.
 
 Nothing here downloads: TFDS datasets must already be prepared (`tfds build NAME`). Datasets that
 need no download: the toy distributions of mle_score_ode's toy.py ('MOG1D', 'CHECKERBOARD',
-'SWISSROLL', 'POINT'; flat (B, dim) vectors), scikit-learn's 8x8 digits ('DIGITS') and a local
-.npz of uint8 images ('NPZ').
+'SWISSROLL', 'POINT'; flat (B, dim) vectors), scikit-learn's 8x8 digits ('DIGITS'), a local
+.npz of uint8 images ('NPZ') and fixed patterns of known entropy ('PATTERNS', patterns_data.py).
 """
 import glob
 import math
@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 import utils
+from patterns_data import pattern_arrays
 from toy_data import sample_toy, toy_dim, toy_log_prob, toy_true_nll  # pylint: disable=unused-import
 from layout import (KNOWN_DATASETS, LOCAL_DATASETS, TFDS_DATASETS,  # pylint: disable=unused-import
                     TOY_DATASETS, is_toy)
@@ -407,7 +408,7 @@ def get_dataset(config, additional_dim=None, uniform_dequantization=False, evalu
                      'and --config.data.num_channels.')
   dataset_builder = None
   if name in LOCAL_DATASETS:
-    arrays = _digits_arrays(config) if name == 'DIGITS' else _npz_arrays(config)
+    arrays = {'DIGITS': _digits_arrays, 'NPZ': _npz_arrays, 'PATTERNS': pattern_arrays}[name](config)
     pi, pc = jax.process_index(), jax.process_count()
     if evaluation:
       for split, (images, _) in arrays.items():

@@ -307,6 +307,20 @@ def test_digits_shapes_range_split():
     assert np.any(np.all(test == img, axis=(1, 2)))
 
 
+def test_patterns_through_get_dataset():
+  """PATTERNS: the test split in stored order, four grey levels, every image one of the patterns."""
+  import patterns_data  # pylint: disable=g-import-not-at-top
+  config = image_config('PATTERNS', size=8, channels=1, batch=8, eval_batch=8)
+  _, evl, builder = datasets.get_dataset(config, evaluation=True, shuffle=False)
+  assert builder is None
+  batches = list(tfds.as_numpy(evl))
+  assert len(batches) == 512 // 8 and batches[0]['image'].shape == (8, 8, 8, 1)
+  images = np.round(np.concatenate([b['image'] for b in batches]) * 255.).astype(np.uint8)
+  np.testing.assert_array_equal(images, patterns_data.pattern_arrays(config)['test'][0])
+  assert np.all(np.isfinite(patterns_data.log2_prob(config, images)))
+  assert set(np.unique(images)) == {0, 85, 170, 255}
+
+
 def write_npz(path, **arrays):
   np.savez(path, **arrays)
   return str(path)

@@ -33,6 +33,7 @@ import optax
 
 import checkpoints
 import layout
+import likelihood
 import parallel
 import train_lib
 from layout import deq_dir_of
@@ -116,7 +117,7 @@ def init_deq_state(config, rng, init_images, mesh=None):
 
 
 def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, train=True,
-                    eps=1e-5, offset=True, ema_rate=0.99):
+                    eps=1e-5, offset=True, ema_rate=0.99, bits=8):
   """step_fn(state, batch, score_params, score_state) -> (new_state, metrics).
 
   Train: Adam on the dequantizer params (the score model is an input, never updated), EMA of the
@@ -127,7 +128,7 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
   import losses  # pylint: disable=import-outside-toplevel
   loss_fn = losses.get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scaler,
                                               train=train, importance_weighting=True, eps=eps,
-                                              offset=offset)
+                                              offset=offset, bits=bits)
 
   def step_fn(state, batch, score_params, score_state):
     rng, step_rng = jax.random.split(state.rng)
@@ -208,7 +209,8 @@ def train_deq(config, workdir, deq_folder='deq'):
       logging.info('Resuming dequantizer training from %s at step %d.', restored_from,
                    initial_step)
 
-    kw = dict(eps=t.smallest_time, offset=config.deq.offset, ema_rate=config.deq.ema_rate)
+    kw = dict(eps=t.smallest_time, offset=config.deq.offset, ema_rate=config.deq.ema_rate,
+              bits=likelihood.num_bits(config))
     step_fns = [get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx,
                                 train=train, **kw) for train in (True, False)]
     p_train = parallel.get_multi_step_fn(step_fns[0], mesh, n_consts=2)
@@ -276,10 +278,10 @@ def get_dequantize_fn(config, workdir, deq_folder='deq', number=None):
   """
   deq_model, params, path = load_dequantizer(config, workdir, deq_folder, number)
   logging.info('Loaded the variational dequantizer from %s.', path)
-  return make_dequantize_fn(deq_model, params)
+  return make_dequantize_fn(deq_model, params, likelihood.num_bits(config))
 
 
-def make_dequantize_fn(deq_model, params):
+def make_dequantize_fn(deq_model, params, bits=8):
   """get_dequantize_fn's dequantize_fn(rng, images) -> (y, bpd_correction) for given params."""
   from models import flowpp  # pylint: disable=import-outside-toplevel
 
@@ -290,7 +292,7 @@ def make_dequantize_fn(deq_model, params):
     noise, sldj = flowpp.get_dequantizer(deq_model, params, train=False)(u, images)
     dim = int(np.prod(images.shape[1:]))
     correction = flowpp.log_q(u, sldj) / (dim * np.log(2.))
-    return (images * 255. + noise) / 256., correction
+    return likelihood.dequantize(images, noise, bits), correction
 
   def dequantize_fn(rng, images):
     return apply(params, rng, images)
@@ -309,7 +311,6 @@ def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound
   """
   import bound_likelihood  # pylint: disable=import-outside-toplevel
   import datasets  # pylint: disable=import-outside-toplevel
-  import likelihood  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh()
   sde, model, params, model_state, _ = load_score_model(config, workdir, mesh)
   scaler = datasets.get_data_scaler(config)
@@ -317,17 +318,20 @@ def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound
   eps = config.training.smallest_time
   if bound:
     fn = bound_likelihood.get_bound_fn(sde, model, inverse_scaler, dsm=config.eval.dsm, eps=eps,
-                                       offset=config.eval.offset, N=N)
+                                       offset=config.eval.offset, N=N,
+                                       bits=likelihood.num_bits(config))
   else:
     ode = likelihood.get_likelihood_fn(sde, model, inverse_scaler, rtol=config.eval.rtol,
-                                       atol=config.eval.atol, eps=eps)
+                                       atol=config.eval.atol, eps=eps,
+                                       bits=likelihood.num_bits(config))
     fn = lambda rng, p, s, x: ode(rng, p, s, x)[0]
   dequantize_fn = get_dequantize_fn(config, workdir, deq_folder)
   images = jnp.asarray(images, jnp.float32)
   uni, deq = [], []
   for r in range(repeats):
     u_rng, d_rng, l_rng = jax.random.split(jax.random.fold_in(rng, r), 3)
-    y_uni = (images * 255. + jax.random.uniform(u_rng, images.shape)) / 256.
+    y_uni = likelihood.dequantize(images, jax.random.uniform(u_rng, images.shape),
+                                  likelihood.num_bits(config))
     y_deq, correction = dequantize_fn(d_rng, images)
     uni.append(np.asarray(fn(l_rng, params, model_state, scaler(y_uni))))
     deq.append(np.asarray(fn(l_rng, params, model_state, scaler(y_deq))) + np.asarray(correction))

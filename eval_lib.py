@@ -118,6 +118,7 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
     per_pass = None
   per_pass = min(per_pass, limit) if per_pass and limit else (per_pass or limit)
   results = {p.name: {} for p in parts}
+  n_draws, index = e.get('num_deq_samples', 1), []
   bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ckpt} bits/dim', 'batch',
                   is_main)
   n_seen = 0
@@ -126,26 +127,29 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
       if limit and i >= limit:
         break
       fname = f'batch_{r}_{i}.npz'
-      prepared = None
+      prepared = []
       for p in parts:
         path = os.path.join(dirs[p.name], fname)
         if fname in done[p.name]:
           out = load_npz(path)
         else:
           state = get_state()
-          if prepared is None:
+          draws = n_draws if p.name == 'bpd' else 1  # draw k > 0 folds k into draw 0's keys
+          while len(prepared) < draws:
             images = parallel.global_batch(parallel.to_numpy(batch['image']).astype(np.float32), mesh, batch_axis=0)
-            data, deq_bpd = dequantize_fn(eval_key(config.seed, ckpt, 'dequantize', r, i), images)
-            prepared = {'image': scaler(data), 'deq_bpd': deq_bpd}
+            k = (len(prepared),) if prepared else ()
+            data, deq_bpd = dequantize_fn(eval_key(config.seed, ckpt, 'dequantize', r, i, *k), images)
+            prepared.append({'image': scaler(data), 'deq_bpd': deq_bpd})
           tic = time.time()
-          out = p.fn(eval_key(config.seed, ckpt, p.name, r, i), state.params_ema,
-                     state.model_state, prepared)
+          keys = [eval_key(config.seed, ckpt, p.name, r, i, *((k,) if k else ())) for k in range(draws)]
+          out = eval_parts.run_part(p, keys, state.params_ema, state.model_state, prepared[:draws])
           out = {k: parallel.host(v) for k, v in out.items()}
           out['seconds'] = np.asarray(time.time() - tic)
           if is_main:
             save_npz(path, **out)
         for k, v in out.items():
           results[p.name].setdefault(k, []).append(v)
+      index.append((r, i))
       n_seen += 1
       if is_main and 'bpd' in results and 'bpd' in results['bpd']:
         logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f', ckpt, r, i,
@@ -160,6 +164,8 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
       summary.update(eval_parts.ode_score_summary(results[p.name], ckpt_dir, is_main))
     else:
       summary.update(eval_parts.mean_results(results[p.name], '' if p.name == 'bpd' else f'{p.name}_'))
+  if 'bpd' in results:
+    summary.update(eval_parts.repeat_reports(results['bpd']['bpd'], index))
   if 'seconds' in summary:
     summary['seconds_per_batch'] = summary.pop('seconds')
   return summary
@@ -251,7 +257,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
     sampler = sampling.get_sampler(config, sde, shape, inverse_scaler, sampling_eps)
   dequantize_fn = None
   if e.enable_bpd or e.enable_ode_score:
-    dequantize_fn = eval_parts.get_dequantize_fn(config, workdir, deq_folder)
+    dequantize_fn = eval_parts.get_dequantize_fn(config, workdir, deq_folder, sde, inverse_scaler)
   mesh = parallel.make_mesh()
   inception = data_pools = sample_fn = None
   if e.enable_sampling:
@@ -313,7 +319,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
       eval_parts.write_summary_csv(eval_dir)
       logging.info('ckpt-%d --- %s', ckpt, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
-        if k != 'ckpt'))
+        if k != 'ckpt' and not isinstance(v, list)))
     parallel.sync(f'eval_ckpt_{ckpt}')
   return summary
 

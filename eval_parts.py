@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import layout
+import likelihood
 import parallel
 
 # Fields whose change alters stored eval results: a rerun into the same eval folder must match.
@@ -21,8 +22,10 @@ _RESULT_FIELDS = {
                'importance_weighting', 'score_matching_order', 'loss_weights', 'exact_jacobian'),
   'eval': ('batch_size', 'bpd_dataset', 'bound', 'dsm', 'offset', 'bound_num_times', 'dequantizer',
            'rtol', 'atol', 'hutchinson_type', 'likelihood_solver', 'inception_handle',
-           'ode_score_nt'),
+           'ode_score_nt', 'num_deq_samples'),
 }
+# Newer fields left out of settings.json at these values, so older eval folders still match.
+_OMITTED_AT = {('eval', 'num_deq_samples'): 1}
 
 
 class BatchPart(NamedTuple):
@@ -64,7 +67,8 @@ def _result_settings(config):
     if fields is None:
       out[section] = node.to_dict() if hasattr(node, 'to_dict') else node
     else:
-      out[section] = {f: node[f] for f in fields if f in node}
+      out[section] = {f: node[f] for f in fields
+                      if f in node and _OMITTED_AT.get((section, f), object()) != node[f]}
   return json.loads(json.dumps(out, default=str, sort_keys=True))
 
 
@@ -93,31 +97,85 @@ def check_settings(eval_dir, config, is_main):
     write_text(path, json.dumps(now, indent=2, sort_keys=True))
 
 
-def get_dequantize_fn(config, workdir, deq_folder):
+def get_dequantize_fn(config, workdir, deq_folder, sde=None, inverse_scaler=None):
   """dequantize_fn(rng, images in [0, 1]) -> (dequantized images in [0, 1], bpd correction (B,)).
 
-  With eval.dequantizer, the Flow++ dequantizer trained by --mode train_deq (deq_lib.py);
-  otherwise uniform dequantization as score_flow's evaluation: (x * 255 + u) / 256, u ~ U[0, 1), no
-  correction; flat toy data are used as they are.
+  eval.dequantizer 'uniform' (score_flow's evaluation): (x * 255 + u) / 256, u ~ U[0, 1), no
+  correction; 'flowpp': the Flow++ dequantizer of --mode train_deq (deq_lib.py);
+  'truncated_normal' (needs sde and inverse_scaler): truncated_normal_dequantize_fn. Flat toy
+  data are used as they are.
   """
-  if config.eval.dequantizer:
+  name = layout.dequantizer_name(config.eval.dequantizer)
+  if name == 'flowpp':
     import deq_lib  # pylint: disable=import-outside-toplevel
     return deq_lib.get_dequantize_fn(config, workdir, deq_folder)
   if layout.is_toy(config):
     return lambda rng, x: (x, jnp.zeros(x.shape[:1], x.dtype))
+  bits = likelihood.num_bits(config)
+  if name == 'truncated_normal':
+    return truncated_normal_dequantize_fn(sde, inverse_scaler, config.training.smallest_time, bits)
 
   @jax.jit
   def uniform(rng, images):
     u = jax.random.uniform(rng, images.shape, images.dtype)
-    return (images * 255. + u) / 256., jnp.zeros(images.shape[:1], images.dtype)
+    return likelihood.dequantize(images, u, bits), jnp.zeros(images.shape[:1], images.dtype)
 
   return uniform
+
+
+def truncated_normal_dequantize_fn(sde, inverse_scaler, eps, bits=8):
+  """i-DODE's training-free dequantizer (Zheng et al. 2023), as a get_dequantize_fn function.
+
+  Noise in bin k of x = k / (2^b - 1) (position f in [0, 1) of likelihood.dequantize) is drawn
+  from N(x, s^2) truncated to [0, 1], s = 2^b sigma_eps / (alpha_eps scale): the model's own
+  perturbation at t = eps in pixel units (scale = d scaler / dx). i-DODE centred it on the bin
+  centre, where its training data lay; ours lie at x (fraction x of the bin). The correction is
+  log q(f) / (D ln 2), as Flow++'s: log q = log phi(z) - log s - log(Phi(b) - Phi(a)).
+  """
+  ones = jnp.ones((1,))
+  mean, std = sde.marginal_prob(ones, jnp.full((1,), eps))
+  slope = jax.grad(lambda x: jnp.sum(inverse_scaler(x)))(0.)
+  s = float(2. ** bits * std[0] * slope / mean[0])
+
+  @jax.jit
+  def dequantize(rng, images):
+    lower, upper = -images / s, (1. - images) / s
+    z = jax.random.truncated_normal(rng, lower, upper, images.shape, images.dtype)
+    f = jnp.clip(images + s * z, 0., 1. - 1e-6)
+    log_z = jnp.log(jax.scipy.special.ndtr(upper) - jax.scipy.special.ndtr(lower))
+    log_q = jax.scipy.stats.norm.logpdf(z) - np.log(s) - log_z
+    dim = int(np.prod(images.shape[1:]))
+    correction = jnp.sum(log_q.reshape(images.shape[0], -1), axis=1) / (dim * np.log(2.))
+    return likelihood.dequantize(images, f, bits), correction
+
+  return dequantize
+
+
+def iw_bpd(bpd_draws, dim):
+  """K-sample importance-weighted bits/dim from per-draw bits/dim (K, B): -log2 of the mean
+  over draws of 2^(-D bpd_k), over D (K = 1: bpd itself; decreases toward -log2 P(x) / D)."""
+  k = bpd_draws.shape[0]
+  log_mean = jax.scipy.special.logsumexp(-bpd_draws * dim * np.log(2.), axis=0) - np.log(k)
+  return -log_mean / (dim * np.log(2.))
+
+
+def run_part(part, keys, params, model_state, draws):
+  """part.fn on each dequantized draw (keys[k], draws[k]); with K > 1 draws its 'bpd' becomes
+  iw_bpd of the K draws and 'bpd_k1' the mean of the per-draw bits/dim (the K = 1 estimate)."""
+  outs = [part.fn(key, params, model_state, batch) for key, batch in zip(keys, draws)]
+  if len(outs) == 1:
+    return outs[0]
+  per_draw = jnp.stack([o['bpd'] for o in outs])
+  out = dict(outs[0], bpd=iw_bpd(per_draw, int(np.prod(draws[0]['image'].shape[1:]))),
+             bpd_k1=jnp.mean(per_draw, axis=0))
+  if 'nfe' in out:
+    out['nfe'] = sum(o['nfe'] for o in outs)
+  return out
 
 
 def get_batch_parts(config, sde, model, inverse_scaler):
   """The per-batch evaluations of the bits/dim loop (see BatchPart), in the order they run."""
   import bound_likelihood  # pylint: disable=import-outside-toplevel
-  import likelihood  # pylint: disable=import-outside-toplevel
   e = config.eval
   images = not layout.is_toy(config)
   eps = config.training.smallest_time
@@ -127,7 +185,7 @@ def get_batch_parts(config, sde, model, inverse_scaler):
       bound_fn = bound_likelihood.get_bound_fn(
         sde, model, inverse_scaler, dsm=e.dsm, eps=eps, importance_weighting=True, offset=e.offset,
         N=e.bound_num_times, hutchinson_type=e.hutchinson_type, data_is_images=images,
-        return_nll=True)
+        return_nll=True, bits=likelihood.num_bits(config))
 
       def bpd_fn(rng, params, model_state, batch):
         bpd, nll = bound_fn(rng, params, model_state, batch['image'])
@@ -137,7 +195,7 @@ def get_batch_parts(config, sde, model, inverse_scaler):
       lik_fn = likelihood.get_likelihood_fn(
         sde, model, inverse_scaler, hutchinson_type=e.hutchinson_type, rtol=e.rtol, atol=e.atol,
         method=method, eps=eps, exact_div=likelihood.use_exact_div(config), data_is_images=images,
-        return_nll=True)
+        return_nll=True, bits=likelihood.num_bits(config))
 
       def bpd_fn(rng, params, model_state, batch):
         data = batch['image'] if method == 'jax' else parallel.host(batch['image'])
@@ -195,6 +253,25 @@ def mean_results(per_batch, prefix=''):
   return out
 
 
+def _mean_sem(v):
+  v = np.asarray(v, np.float64)
+  sem = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float('nan')
+  return {'mean': float(v.mean()), 'sem': sem, 'n': int(v.size)}
+
+
+def repeat_reports(bpd_batches, index):
+  """Per-repeat and per-batch bits/dim (mean, standard error, count) of per-example bpd arrays
+  listed in the order of index [(repeat, batch)], and the standard error between repeat means."""
+  per_batch = [dict(repeat=r, batch=i, **_mean_sem(np.ravel(v)))
+               for (r, i), v in zip(index, bpd_batches)]
+  repeats = sorted({r for r, _ in index})
+  per_repeat = [dict(repeat=r, **_mean_sem(np.concatenate(
+    [np.ravel(v) for (q, _), v in zip(index, bpd_batches) if q == r]))) for r in repeats]
+  means = [row['mean'] for row in per_repeat]
+  return {'bpd_per_repeat': per_repeat, 'bpd_per_batch': per_batch,
+          'bpd_between_repeats_sem': _mean_sem(means)['sem']}
+
+
 def write_summary_csv(eval_dir):
   """summary.csv rebuilt from every ckpt_N/summary.json: one row per checkpoint (idempotent, so a
   rerun never duplicates a row)."""
@@ -204,6 +281,7 @@ def write_summary_csv(eval_dir):
     if name.startswith('ckpt_') and os.path.isfile(path):
       with open(path) as f:
         rows.append(json.load(f))
+  rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
   rows.sort(key=lambda r: r['ckpt'])
   keys = ['ckpt', 'step'] + sorted({k for r in rows for k in r} - {'ckpt', 'step'})
   buf = io.StringIO()

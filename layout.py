@@ -14,8 +14,9 @@ import re
 
 TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
 TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
-LOCAL_DATASETS = ('DIGITS', 'NPZ')
+LOCAL_DATASETS = ('DIGITS', 'NPZ', 'PATTERNS')
 KNOWN_DATASETS = TFDS_DATASETS + LOCAL_DATASETS + TOY_DATASETS
+DEQUANTIZERS = ('uniform', 'flowpp', 'truncated_normal')  # eval.dequantizer
 
 LOG_FILE = 'stdout.txt'
 TENSORBOARD = 'tensorboard'
@@ -31,6 +32,15 @@ def is_toy(config_or_name):
   """Whether a dataset name (or config) is one of the flat low-dimensional toy distributions."""
   name = config_or_name if isinstance(config_or_name, str) else config_or_name.data.dataset
   return name in TOY_DATASETS
+
+
+def dequantizer_name(value):
+  """eval.dequantizer -> one of DEQUANTIZERS (False: 'uniform', True: 'flowpp', as before)."""
+  name = {False: 'uniform', True: 'flowpp'}[value] if isinstance(value, bool) else value
+  if name not in DEQUANTIZERS:
+    raise ValueError(f'eval.dequantizer is {value!r}: set --config.eval.dequantizer to one of '
+                     f"{', '.join(DEQUANTIZERS)} (True / False: 'flowpp' / 'uniform').")
+  return name
 
 
 def checkpoint_path(workdir, number):

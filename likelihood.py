@@ -64,20 +64,31 @@ def get_drift_div_fn(sde, score_fn, exact_div=False):
   return utils.get_value_div_fn(drift_fn)
 
 
-def bpd_offset(inverse_scaler=None, data_is_images=True):
-  """log2(d inverse_scaler / dx) + 8 for 8-bit images (score_flow's conversion), else 0."""
+def num_bits(config):
+  """Bits per pixel of image data: config.data.num_bits (default 8, score_flow's 8-bit images)."""
+  return int(config.data.get('num_bits', 8))
+
+
+def dequantize(images, noise, bits=8):
+  """b-bit images k / (2^b - 1) in [0, 1] moved by noise in [0, 1) into bin k of width 2^-b:
+  (images * (2^b - 1) + noise) / 2^b (score_flow's (x * 255 + u) / 256 for b = 8)."""
+  return (images * (2. ** bits - 1.) + noise) / 2. ** bits
+
+
+def bpd_offset(inverse_scaler=None, data_is_images=True, bits=8):
+  """log2(d inverse_scaler / dx) + b for b-bit images (score_flow's conversion), else 0."""
   if not data_is_images:
     return 0.
   if inverse_scaler is None:
     raise ValueError('bits/dim of images need the inverse data scaler: pass inverse_scaler, or '
                      'data_is_images=False for flat (non-image) data.')
-  return jnp.log2(jax.grad(lambda x: jnp.sum(inverse_scaler(x)))(0.)) + 8.
+  return jnp.log2(jax.grad(lambda x: jnp.sum(inverse_scaler(x)))(0.)) + float(bits)
 
 
-def nll_to_bpd(nll, shape, inverse_scaler=None, data_is_images=True):
-  """Per-example nats -> bits/dim for data of shape (B, ...)."""
+def nll_to_bpd(nll, shape, inverse_scaler=None, data_is_images=True, bits=8):
+  """Per-example nats -> bits/dim for data of shape (B, ...) (b-bit images)."""
   dim = int(np.prod(shape[1:]))
-  return nll / (dim * np.log(2.)) + bpd_offset(inverse_scaler, data_is_images)
+  return nll / (dim * np.log(2.)) + bpd_offset(inverse_scaler, data_is_images, bits)
 
 
 def _probe(rng, shape, hutchinson_type, exact_div):
@@ -153,7 +164,7 @@ def ode_likelihood(rng, score_fn, data, sde, hutchinson_type='Rademacher', rtol=
 
 def get_likelihood_fn(sde, model, inverse_scaler, hutchinson_type='Rademacher', rtol=1e-5,
                       atol=1e-5, method='jax', eps=1e-5, exact_div=False, data_is_images=True,
-                      return_nll=False, max_steps=4096):
+                      return_nll=False, max_steps=4096, bits=8):
   """score_flow's get_likelihood_fn for a flax model (score by models.utils.get_score_fn with
   train=False, continuous=True, as the originals).
 
@@ -170,7 +181,7 @@ def get_likelihood_fn(sde, model, inverse_scaler, hutchinson_type='Rademacher', 
     return mutils.get_score_fn(sde, model, params, model_state, train=False, continuous=True)
 
   def finish(nll, z, nfe, shape):
-    bpd = nll_to_bpd(nll, shape, inverse_scaler, data_is_images)
+    bpd = nll_to_bpd(nll, shape, inverse_scaler, data_is_images, bits)
     return (bpd, z, nfe, nll) if return_nll else (bpd, z, nfe)
 
   if method == 'jax':

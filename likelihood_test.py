@@ -150,6 +150,21 @@ def test_hutchinson_is_unbiased_on_a_full_covariance(hutchinson_type):
   assert np.all(np.abs(est.mean(0) - nll_true) < 4 * se + 1e-3), (est.mean(0), nll_true, se)
 
 
+def test_fewer_bits_bins_and_offset():
+  """b-bit data: dequantize puts k / (2^b - 1) into [k, k + 1) / 2^b (b = 8: (x * 255 + u) / 256);
+  the density 1 on [0, 1] (nll 0, identity scaler) gives -log2 P(bin) = b bits/dim."""
+  for bits in (1, 2, 5, 8):
+    k = np.arange(2 ** bits)
+    for u in (0., 0.5, 0.999):
+      y = likelihood.dequantize(k / (2. ** bits - 1), u, bits)
+      np.testing.assert_array_equal(np.floor(y * 2 ** bits), k)
+    nll = np.zeros(3)
+    np.testing.assert_allclose(likelihood.nll_to_bpd(nll, (3, 4), lambda x: x, bits=bits), bits)
+  x = np.linspace(0, 1, 256)
+  np.testing.assert_allclose(likelihood.dequantize(x, 0.3), (x * 255 + 0.3) / 256)
+  assert float(likelihood.bpd_offset(lambda x: (x + 1.) / 2., bits=2)) == pytest.approx(1.)
+
+
 def test_bpd_offset_and_data_kinds():
   assert float(likelihood.bpd_offset(lambda x: (x + 1.) / 2.)) == pytest.approx(7.)
   assert float(likelihood.bpd_offset(lambda x: x)) == pytest.approx(8.)

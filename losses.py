@@ -380,8 +380,8 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
 
 
 def dequantization_losses(rng, score_fn, dequantizer, data, sde, scaler, inverse_scaler,
-                          importance_weighting=True, eps=1e-5, offset=True):
-  """Per-example (losses in nats, bits/dim) of score_flow's dequantizer objective.
+                          importance_weighting=True, eps=1e-5, offset=True, bits=8):
+  """Per-example (losses in nats, bits/dim) of score_flow's dequantizer objective (b-bit data).
 
   data: the scaled 8-bit batch (B, ...). dequantizer(u, x, rng) -> (noise in (0, 1), sldj) as
   models.flowpp.get_dequantizer (log q(noise | x) = log N(u) - sldj). With x = inverse_scaler(data)
@@ -397,22 +397,22 @@ def dequantization_losses(rng, score_fn, dequantizer, data, sde, scaler, inverse
   (importance-sampled) time serves both: the same expectation.
   """
   import bound_likelihood  # pylint: disable=import-outside-toplevel
-  from likelihood import nll_to_bpd  # pylint: disable=import-outside-toplevel
+  from likelihood import dequantize, nll_to_bpd  # pylint: disable=import-outside-toplevel
   from models.flowpp import log_q  # pylint: disable=import-outside-toplevel
   u_rng, deq_rng, bound_rng = jax.random.split(rng, 3)
   x = inverse_scaler(data)
   u = jax.random.normal(u_rng, data.shape, data.dtype)
   noise, sldj = dequantizer(u, x, rng=deq_rng)
-  y = scaler((x * 255. + noise) / 256.)
+  y = scaler(dequantize(x, noise, bits))
   nll = bound_likelihood.likelihood_bound(bound_rng, score_fn, y, sde, dsm=True, eps=eps,
                                           importance_weighting=importance_weighting,
                                           offset=offset, N=1)
   losses = nll + log_q(u, sldj)
-  return losses, nll_to_bpd(losses, data.shape, inverse_scaler)
+  return losses, nll_to_bpd(losses, data.shape, inverse_scaler, bits=bits)
 
 
 def get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scaler, train=True,
-                               importance_weighting=True, eps=1e-5, offset=True):
+                               importance_weighting=True, eps=1e-5, offset=True, bits=8):
   """loss_fn(rng, deq_params, score_params, score_state, batch) -> (loss, bpd).
 
   score_flow's get_dequantization_loss_fn: the mean over the batch of dequantization_losses
@@ -430,7 +430,7 @@ def get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scal
     dequantizer = flowpp.get_dequantizer(deq_model, deq_params, train=train)
     losses, bpd = dequantization_losses(
       rng, score_fn, dequantizer, batch['image'], sde, scaler, inverse_scaler,
-      importance_weighting=importance_weighting, eps=eps, offset=offset)
+      importance_weighting=importance_weighting, eps=eps, offset=offset, bits=bits)
     return jnp.mean(losses), jnp.mean(bpd)
 
   return loss_fn

@@ -4,6 +4,7 @@ Field names and defaults follow score_sde / score_flow / mle_score_ode; fields t
 (marked NEW) have defaults that reproduce the original behaviour.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config():
@@ -70,7 +71,10 @@ def get_base_config():
   evaluate.num_repeats = 5
   evaluate.bound = False
   evaluate.dsm = True
-  evaluate.dequantizer = False
+  # 'uniform' (False, the original's default), 'flowpp' (True: --mode train_deq's Flow++) or NEW
+  # 'truncated_normal' (i-DODE's training-free dequantizer); any type, so old True/False still work.
+  evaluate.dequantizer = config_dict.FieldReference(False, field_type=object)
+  evaluate.num_deq_samples = 1  # NEW: K dequantization draws per image, importance weighted
   evaluate.offset = True
   evaluate.rtol = 1e-5  # NEW: likelihood ODE tolerances, Hutchinson noise and solver route
   evaluate.atol = 1e-5

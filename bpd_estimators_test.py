@@ -1,0 +1,176 @@
+"""Bits/dim estimators against independent truth: the PATTERNS entropy (closed form and Monte
+Carlo), the K-sample importance-weighted estimate on an analytic Gaussian (normal CDF), the
+truncated-normal dequantizer's density (scipy.stats.truncnorm), and every estimator of a tiny
+model staying above the entropy."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import scipy.stats
+
+import config_checks
+import eval_parts
+import layout
+import likelihood
+import patterns_data
+import sde_lib
+from configs.tiny.patterns_ddpmpp import get_config
+
+
+def test_patterns_entropy_is_closed_form_and_matches_samples():
+  config = get_config()
+  patterns, p = patterns_data.make_patterns(config)
+  assert patterns.shape == (32, 8, 8, 1) and patterns.dtype == np.uint8
+  assert len({x.tobytes() for x in patterns}) == 32
+  assert set(np.unique(patterns)) <= {0, 85, 170, 255}
+  h = scipy.stats.entropy(1. / np.arange(1, 33), base=2) / 64
+  assert patterns_data.entropy_bits_per_dim(config) == pytest.approx(h, rel=1e-12)
+  images, labels = patterns_data.pattern_arrays(config)['train']
+  np.testing.assert_array_equal(images, patterns[labels])
+  logp = patterns_data.log2_prob(config, images)
+  np.testing.assert_allclose(logp, np.log2(p[labels]))
+  mc = -logp.mean() / 64
+  assert abs(mc - h) < 4 * logp.std() / 64 / np.sqrt(len(logp))
+  again = patterns_data.make_patterns(get_config())[0]
+  np.testing.assert_array_equal(again, patterns)
+
+
+def test_iw_bpd_is_the_mean_for_k1_and_falls_toward_log_p_bin():
+  """1-D Gaussian model density N(0.3, 0.05^2) on [0, 1], 2-bit bin [0.25, 0.5), uniform draws:
+  E[iw_bpd] decreases with K toward -log2 P(bin) (normal CDF), never below it."""
+  m, s, lo, width = 0.3, 0.05, 0.25, 0.25
+  rng = np.random.default_rng(0)
+  y = lo + width * rng.random((64, 4000))
+  bpd = -(scipy.stats.norm.logpdf(y, m, s) + np.log(width)) / np.log(2.)  # log q = -log width
+  exact = -np.log2(scipy.stats.norm.cdf(lo + width, m, s) - scipy.stats.norm.cdf(lo, m, s))
+  k1 = np.asarray(eval_parts.iw_bpd(jnp.asarray(bpd[:1]), 1))
+  np.testing.assert_allclose(k1, bpd[0], rtol=1e-6)
+  means = [float(np.mean(eval_parts.iw_bpd(jnp.asarray(bpd[:k].astype(np.float32)), 1)))
+           for k in (1, 2, 4, 16, 64)]
+  assert all(a > b for a, b in zip(means, means[1:])), means
+  assert means[-1] > exact - 1e-3 and means[-1] - exact < 0.2 * (means[0] - exact), means
+
+
+def test_iw_bpd_per_dimension_of_d_dim_data():
+  """D dims: iw_bpd = -log2 mean_k 2^(-D b_k) / D, by hand."""
+  b = np.array([[1.0, 2.0], [1.5, 0.5], [3.0, 1.0]])
+  want = -np.log2(np.mean(2. ** (-4 * b), axis=0)) / 4
+  np.testing.assert_allclose(eval_parts.iw_bpd(jnp.asarray(b), 4), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('bits', [2, 8])
+def test_truncated_normal_dequantizer_density_is_truncnorm(bits):
+  sde = sde_lib.VPSDE(0.1, 20., 1000)
+  eps = 1e-3
+  fn = eval_parts.truncated_normal_dequantize_fn(sde, lambda x: (x + 1.) / 2., eps, bits)
+  mean, std = sde.marginal_prob(jnp.ones((1,)), jnp.full((1,), eps))
+  s = 2. ** bits * float(std[0]) * 0.5 / float(mean[0])
+  levels = np.array([0., 1., 2., 3.]) / 3.
+  images = jnp.asarray(np.tile(levels, (4096, 1)).reshape(4096, 2, 2, 1), jnp.float32)
+  y, corr = fn(jax.random.PRNGKey(0), images)
+  f = np.asarray(y) * 2 ** bits - np.asarray(images) * (2 ** bits - 1)
+  assert f.min() >= 0 and f.max() <= 1
+  x = np.asarray(images)
+  a, b = -x / s, (1 - x) / s
+  logq = scipy.stats.truncnorm.logpdf(f, a, b, loc=x, scale=s)
+  np.testing.assert_allclose(corr, logq.reshape(4096, -1).sum(1) / (4 * np.log(2.)), atol=2e-3)
+  np.testing.assert_allclose(f.mean(0).ravel(), scipy.stats.truncnorm.mean(a, b, x, s)[0].ravel(),
+                             atol=5 * s / np.sqrt(4096) + 1e-4)
+
+
+def test_dequantizer_names_and_bad_values_refused_in_one_line():
+  assert [layout.dequantizer_name(v) for v in (False, True, 'uniform', 'flowpp')] == [
+    'uniform', 'flowpp', 'uniform', 'flowpp']
+  for field, value, msg in (('dequantizer', 'gaussian', 'eval.dequantizer'),
+                            ('num_deq_samples', 0, 'num_deq_samples')):
+    config = get_config()
+    config.eval[field] = value
+    with pytest.raises(ValueError, match=msg) as e:
+      config_checks.validate_eval(config)
+    assert '\n' not in str(e.value)
+  config = get_config()
+  config.data.num_bits = 9
+  with pytest.raises(ValueError, match='num_bits'):
+    config_checks.validate_config(config, 'eval')
+  from configs.toy.common import get_toy_config  # pylint: disable=import-outside-toplevel
+  toy = get_toy_config('MOG1D', 1)
+  toy.eval.num_deq_samples = 2
+  with pytest.raises(ValueError, match='toy data'):
+    config_checks.validate_eval(toy)
+
+
+def test_cli_takes_names_and_old_booleans(monkeypatch):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  for arg, want in (('truncated_normal', 'truncated_normal'), ('True', True), ('flowpp', 'flowpp')):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, flag_values=fv)
+    argv = ['prog', '--config=configs/tiny/patterns_ddpmpp.py',
+            f'--config.eval.dequantizer={arg}', '--config.eval.num_deq_samples=3']
+    monkeypatch.setattr('sys.argv', argv)  # config_flags reads the overrides from sys.argv
+    fv(argv)
+    assert fv.config.eval.dequantizer == want and fv.config.eval.num_deq_samples == 3
+
+
+def test_settings_of_old_eval_folders_unchanged():
+  settings = eval_parts._result_settings(get_config())  # pylint: disable=protected-access
+  assert settings['eval']['dequantizer'] is False and 'num_deq_samples' not in settings['eval']
+  config = get_config()
+  config.eval.num_deq_samples = 4
+  assert eval_parts._result_settings(config)['eval']['num_deq_samples'] == 4  # pylint: disable=protected-access
+
+
+def test_repeat_reports_by_hand():
+  rng = np.random.default_rng(1)
+  arrays = [rng.normal(size=8) for _ in range(4)]
+  index = [(0, 0), (0, 1), (1, 0), (1, 1)]
+  out = eval_parts.repeat_reports(arrays, index)
+  r0 = np.concatenate(arrays[:2])
+  assert out['bpd_per_repeat'][0]['mean'] == pytest.approx(r0.mean())
+  assert out['bpd_per_repeat'][0]['sem'] == pytest.approx(r0.std(ddof=1) / 4)
+  assert out['bpd_per_batch'][3] == pytest.approx(
+    {'repeat': 1, 'batch': 1, 'mean': arrays[3].mean(), 'sem': arrays[3].std(ddof=1) / np.sqrt(8),
+     'n': 8})
+  means = [np.concatenate(arrays[:2]).mean(), np.concatenate(arrays[2:]).mean()]
+  assert out['bpd_between_repeats_sem'] == pytest.approx(np.std(means, ddof=1) / np.sqrt(2))
+
+
+def test_every_estimator_of_a_tiny_model_is_above_the_entropy():
+  """An untrained tiny DDPM++ on 2-bit PATTERNS: ODE and bound, uniform / Flow++ (at init) /
+  truncated normal, K = 1 and 2: every bits/dim above the exact entropy; run_part with one draw
+  is the part's own output, and the K = 2 estimate is below the mean of its two draws."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  import deq_lib  # pylint: disable=import-outside-toplevel
+  import train_lib  # pylint: disable=import-outside-toplevel
+  config = get_config()
+  config.data.num_bits = 2
+  config.model.nf = 8
+  config.eval.rtol = config.eval.atol = 1e-2
+  config.eval.bound_num_times = 4
+  entropy = patterns_data.entropy_bits_per_dim(config)
+  images = jnp.asarray(patterns_data.pattern_arrays(config)['test'][0][:8] / 255., jnp.float32)
+  sde, _ = sde_lib.get_sde(config)
+  model, _, state = train_lib.build_state(config, jax.random.PRNGKey(0))
+  scaler = datasets.get_data_scaler(config)
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  deq_model, _, deq_state = deq_lib.init_deq_state(config, jax.random.PRNGKey(1), images)
+  dequantizers = {'flowpp': deq_lib.make_dequantize_fn(deq_model, deq_state.params, 2)}
+  for name in ('uniform', 'truncated_normal'):
+    config.eval.dequantizer = name
+    dequantizers[name] = eval_parts.get_dequantize_fn(config, None, None, sde, inverse_scaler)
+  draws = {name: [dict(zip(('image', 'deq_bpd'), fn(jax.random.PRNGKey(10 + k), images)))
+                  for k in range(2)] for name, fn in dequantizers.items()}
+  keys = [jax.random.PRNGKey(20), jax.random.PRNGKey(21)]
+  for bound in (False, True):
+    config.eval.bound = bound
+    part = eval_parts.get_batch_parts(config, sde, model, inverse_scaler)[0]
+    for name, pair in draws.items():
+      pair = [dict(d, image=scaler(d['image'])) for d in pair]
+      one = eval_parts.run_part(part, keys[:1], state.params_ema, state.model_state, pair[:1])
+      same = part.fn(keys[0], state.params_ema, state.model_state, pair[0])
+      np.testing.assert_array_equal(one['bpd'], same['bpd'])
+      two = eval_parts.run_part(part, keys, state.params_ema, state.model_state, pair)
+      for what, bpd in (('K=1', one['bpd']), ('K=2', two['bpd'])):
+        assert np.all(np.isfinite(bpd)) and np.mean(bpd) > entropy, (name, bound, what)
+      assert np.all(np.asarray(two['bpd']) <= np.asarray(two['bpd_k1']) + 1e-5)
