@@ -6,7 +6,6 @@
 Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix);
 3 training stopped on a non-finite loss (training.nonfinite='stop'); 1 anything else.
 """
-import importlib.util
 import logging
 import os
 import sys
@@ -15,6 +14,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
+
+import configs
 
 FLAGS = flags.FLAGS
 
@@ -71,19 +72,11 @@ def _overrides(argv):
   return out
 
 
-def _load_config_file(spec):
-  path, _, arg = spec.partition(':')
-  mod_spec = importlib.util.spec_from_file_location('_cli_config', path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(*([arg] if arg else []))
-
-
 def _unknown_override(argv):
   """The first --config.x.y whose path the config file lacks, or None."""
   spec = _config_arg(argv)
   try:
-    config = _load_config_file(spec)
+    config = configs.load(spec)
   except Exception:  # pylint: disable=broad-except
     return None
   for key in _overrides(argv):

@@ -10,10 +10,11 @@ where this project's references hold it, and an estimate of accelerator hours.
 """
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 from typing import Optional
+
+import configs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(ROOT, 'README.md')
@@ -91,16 +92,6 @@ EXPERIMENTS = (
 PAPER = {('cifar10_ve', 2, 'bpd'): '3.44', ('cifar10_ve', 3, 'bpd'): '3.38',
          ('cifar10_ve', 2, 'fid'): '2.37', ('cifar10_ve', 3, 'fid'): '2.95'}
 NOT_HELD = 'in the paper, not in our references'
-
-
-def load_config(path):
-  """The ml_collections config of a config file (the CLI's --config, without overrides)."""
-  spec = importlib.util.spec_from_file_location('_recipe_config', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def last_checkpoint(n_iters, snapshot_freq):
@@ -189,7 +180,7 @@ def rows():
   """Every recipe row, experiments in EXPERIMENTS order, then order, then result."""
   out = []
   for exp in EXPERIMENTS:
-    config = load_config(exp.config)
+    config = configs.load(exp.config)
     t = config.training
     ckpt = last_checkpoint(t.n_iters, t.snapshot_freq)
     for order in ORDERS:
@@ -228,7 +219,7 @@ def markdown():
             'tables this project has not transcribed.']
   seen, stats = set(), {}  # each command once; fid_stats once per dataset (one stats file)
   for exp in EXPERIMENTS:
-    config = load_config(exp.config)
+    config = configs.load(exp.config)
     mine = [r for r in all_rows if r.exp is exp]
     lines += ['', f'**{exp.title}** (`{exp.config}`). Start from {exp.source}. Download it to '
               f'`{exp.start}` (or change that path). Fine-tuning runs to the config\'s '

@@ -19,6 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+import configs
 import recipes
 
 STEP = 2  # the synthetic start checkpoint's step; the tiny fine-tune runs one step past it
@@ -130,7 +131,7 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
   assert len(rows) == 3 * (4 + 4 + 3)  # 3 orders x (VP, VE CIFAR-10: 4 results; ImageNet: 3)
   with mocked_tfds():
     for row in rows:
-      full = recipes.load_config(row.exp.config)
+      full = configs.load(row.exp.config)
       last = recipes.last_checkpoint(full.training.n_iters, full.training.snapshot_freq)
       for label, argv in row.commands:
         config, fv = parse(argv[2:])

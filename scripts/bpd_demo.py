@@ -25,6 +25,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import configs  # pylint: disable=wrong-import-position
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,16 +47,8 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _load_config(path):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('_bpd_demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def base_config(args):
-  config = _load_config(args.config)
+  config = configs.load(args.config)
   config.seed = args.seed
   config.data.num_bits = args.bits
   config.training.smallest_time = args.eps

@@ -27,6 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import configs  # pylint: disable=wrong-import-position
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,14 +43,6 @@ def parse_args(argv=None):
   p.add_argument('--deq_lr', type=float, default=None)
   p.add_argument('--bound', action='store_true', help='compare the bound (N=100), not the ODE')
   return p.parse_args(argv)
-
-
-def _load_config(path):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('_demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _freqs(config, n):
@@ -68,7 +62,7 @@ def main(argv=None):
   import deq_lib  # pylint: disable=import-outside-toplevel
   import run_lib  # pylint: disable=import-outside-toplevel
 
-  config = _load_config(args.config)
+  config = configs.load(args.config)
   config.training.n_iters = args.score_steps
   config.training.snapshot_sampling = False
   config.optim.lr = args.score_lr

@@ -59,6 +59,8 @@ flags.DEFINE_list('loss_weights', ['1', '0.5', '0.1'],
                   'Weights of the order 1/2/3 terms (the original toy code: 1, 0.5, 0.1).')
 flags.DEFINE_enum('eval_weights', 'ema', ['ema', 'raw'], 'Score the EMA weights (as the original) '
                   'or the raw ones.')
+flags.DEFINE_list('decoder_layers', ['512', '512'], 'Widths of the MLP decoder (the original: '
+                  '512, 512; narrower layers make every step cheaper).')
 flags.DEFINE_integer('eval_points', 10_000, 'Fresh samples for the NLL of each model.')
 flags.DEFINE_integer('grid', 600, 'Density grid points (per axis for 2-D data: grid // 10).')
 flags.DEFINE_integer('seed', 0, 'Seed of training and of the evaluation samples.')
@@ -78,6 +80,7 @@ def stage_config(opts, dataset, order, steps, restore_from=''):
             ('checkerboard', 've'): checkerboard_ve, ('checkerboard', 'vp'): checkerboard_vp}
   config = module[(dataset, opts['sde'])].get_config()
   config.seed = opts['seed']
+  config.model.decoder_layers = tuple(int(w) for w in opts['decoder_layers'])
   t = config.training
   t.score_matching_order = order
   t.n_iters = steps
@@ -179,7 +182,7 @@ def dataset_opts(dataset):
   """Everything a stage of `dataset` needs (picklable for the workers): flags over PROTOCOL."""
   opts = {k: getattr(FLAGS, k) for k in ('sde', 'seed', 'loss_weights', 'finetune_lr',
                                           'finetune_schedule', 'eval_points', 'grid',
-                                          'eval_weights')}
+                                          'eval_weights', 'decoder_layers')}
   for k, v in PROTOCOL[dataset].items():
     opts[k] = v if getattr(FLAGS, k) is None else getattr(FLAGS, k)
   return opts
@@ -356,6 +359,8 @@ def main(argv):
           f'--config.training.score_matching_order={s["order"]} '
           f'--config.training.n_iters={s["steps"]} '
           f'--config.training.batch_size={s["opts"]["batch_size"]}'
+          + (f' --config.model.decoder_layers="({",".join(FLAGS.decoder_layers)},)"'
+             if FLAGS.decoder_layers != ['512', '512'] else '')
           + (f' --config.training.restore_from={s["restore_from"]} '
              '--config.training.restore_optimizer=False '
              f'--config.optim.lr={FLAGS.finetune_lr} '

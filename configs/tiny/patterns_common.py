@@ -1,10 +1,10 @@
-"""CPU-sized settings of the PATTERNS data (8x8x1, four grey levels, known entropy): the tiny
-DIGITS settings on one 8x8 resolution level without attention, trained in a minute or two."""
-from configs.tiny.digits_common import get_tiny_digits_config
+"""CPU-sized settings of the PATTERNS data (8x8x1, four grey levels, known entropy): a tiny DIGITS
+config (its model and SDE kept) on one 8x8 resolution level without attention, trained in a minute
+or two."""
 
 
-def get_tiny_patterns_config():
-  config = get_tiny_digits_config()
+def to_patterns(config):
+  """The tiny DIGITS `config` (digits_ddpmpp / digits_ncsnpp) moved to PATTERNS, in place."""
   data = config.data
   data.dataset = 'PATTERNS'
   data.image_size = 8
