@@ -39,6 +39,10 @@ NONFINITE_MODES = ('stop', 'skip')
 # What the score network saves for the backward pass (jax.checkpoint policies); the rest is
 # recomputed: 'convs' keeps convolution and matmul outputs and recomputes the elementwise work
 # (normalisation, activations and their derivatives); 'nothing' recomputes the whole network.
+# Backends that get the microbatch loop unrolled: XLA:CPU ran the lax.scan of the gradient 8x
+# slower than the same microbatches unrolled (tiny DDPM++; see README, Performance); elsewhere
+# the scan keeps one copy of the step to compile.
+UNROLLED_BACKENDS = ('cpu',)
 REMAT_POLICIES = {
   'none': None,
   'convs': lambda prim, *_, **__: prim.name in ('conv_general_dilated', 'dot_general'),
@@ -234,7 +238,8 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
   """fn(rng, params, states, batch) -> ((loss, (new_state, loss1, loss2, loss3)), grads).
 
   The loss of get_sde_loss_fn and its gradient wrt params (None unless grad), accumulated over
-  options.n_microbatches slices of the batch (lax.scan, see `microbatches`): t, z and v are drawn
+  options.n_microbatches slices of the batch (see `microbatches`; a lax.scan, unrolled on
+  UNROLLED_BACKENDS): t, z and v are drawn
   for the whole batch first, so any split gives the unsplit step's loss and gradient up to float
   rounding (dropout masks are drawn per microbatch). The model state passes from one microbatch
   to the next. The network runs under the options.remat policy.
@@ -265,18 +270,24 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
     draws, model_rng = _draw(rng, sde, data, options)
     if n == 1:
       (loss, (states, means)), grads = value_fn(params, states, data, draws, model_rng, b)
+      return (loss, (states, *means)), grads
+
+    def body(carry, xs):
+      loss, means, grads, states = carry
+      (part_loss, (states, part_means)), part_grads = value_fn(params, states, *xs, b)
+      if grad:
+        grads = jax.tree_util.tree_map(jnp.add, grads, part_grads)
+      return (loss + part_loss, means + part_means, grads, states), None
+    xs = (microbatches(data, n), jax.tree_util.tree_map(lambda a: microbatches(a, n), draws),
+          jax.random.split(model_rng, n))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params) if grad else None
+    carry = (jnp.zeros((), data.dtype), jnp.zeros((3,), data.dtype), zeros, states)
+    if jax.default_backend() in UNROLLED_BACKENDS:
+      for m in range(n):
+        carry = body(carry, jax.tree_util.tree_map(lambda a, m=m: a[m], xs))[0]
     else:
-      def body(carry, xs):
-        loss, means, grads, states = carry
-        (part_loss, (states, part_means)), part_grads = value_fn(params, states, *xs, b)
-        if grad:
-          grads = jax.tree_util.tree_map(jnp.add, grads, part_grads)
-        return (loss + part_loss, means + part_means, grads, states), None
-      xs = (microbatches(data, n), jax.tree_util.tree_map(lambda a: microbatches(a, n), draws),
-            jax.random.split(model_rng, n))
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, params) if grad else None
-      init = (jnp.zeros((), data.dtype), jnp.zeros((3,), data.dtype), zeros, states)
-      (loss, means, grads, states), _ = jax.lax.scan(body, init, xs)
+      carry = jax.lax.scan(body, carry, xs)[0]
+    loss, means, grads, states = carry
     return (loss, (states, *means)), grads
 
   return fn

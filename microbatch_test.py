@@ -40,11 +40,16 @@ def _train(config, built):
   return multi(state, batch)
 
 
-@pytest.mark.parametrize('order,importance,exact,remat', [
-  (1, True, False, 'none'), (2, False, False, 'none'), (3, True, False, 'none'),
-  (3, False, True, 'none'), (3, False, False, 'convs'), (2, True, False, 'nothing')])
-def test_microbatches_give_the_whole_batch_update(order, importance, exact, remat):
-  """4 microbatches (and a remat policy, which changes memory only) = the whole-batch step."""
+@pytest.mark.parametrize('order,importance,exact,remat,scan', [
+  (1, True, False, 'none', False), (2, False, False, 'none', False),
+  (3, True, False, 'none', True), (3, False, True, 'none', False),
+  (3, False, False, 'convs', False), (2, True, False, 'nothing', True)])
+def test_microbatches_give_the_whole_batch_update(order, importance, exact, remat, scan,
+                                                  monkeypatch):
+  """4 microbatches (and a remat policy, which changes memory only) = the whole-batch step; as
+  a lax.scan (accelerators) and unrolled (CPU)."""
+  if scan:
+    monkeypatch.setattr(losses, 'UNROLLED_BACKENDS', ())
   built = train_lib.build_state(_config(order, importance, exact), jax.random.PRNGKey(0))
   whole, m1 = _train(_config(order, importance, exact), built)
   split, m4 = _train(_config(order, importance, exact, n_micro=4, remat=remat), built)
