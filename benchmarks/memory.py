@@ -5,11 +5,13 @@
   .venv/bin/python benchmarks/memory.py recommend [--memory_gb 40]
 
 measure: the whole jitted training step (losses.get_step_fn with Adam and EMA, the state donated) of the full-size CIFAR-10 configs at the paper's batch (128 on one device),
-compiled only (abstract state, no accelerator needed): peak = arguments + outputs - aliased + XLA
+compiled only (abstract state, no accelerator needed; the microbatches as the lax.scan that
+accelerators run): peak = arguments + outputs - aliased + XLA
 temp bytes, as `compile().memory_analysis()` reports them for this backend. Rows are appended to
 --csv as they finish, so an interrupted run continues where it stopped.
-timing: median step time of the same settings on the tiny DDPM++ (batch 16), as a ratio to the
-plain step of the same order.
+timing: median step time of the same settings on the tiny DDPM++ (batch 16) on this machine (on
+a CPU the microbatches unrolled, losses.UNROLLED_BACKENDS), as a ratio to the plain step of the
+same order, timed round-robin with it.
 recommend: for each order and device memory, the fastest measured setting whose peak leaves 10%
 headroom (--results, default the committed table of the README's run).
 """
@@ -46,13 +48,14 @@ def _config(name, batch, order, n_micro, remat):
   return config
 
 
-def _train_call(config, abstract):
+def _train_call(config, abstract, donate=True):
   """(jitted training step with the state donated, state, batch) of config: train_lib's step
   (the body of its n_jitted_steps scan; the scan wrapper itself took 5x longer to compile on CPU)."""
   sde, _ = sde_lib.get_sde(config)
   model = mutils.get_model(config.model.name)(config=config)
   tx = losses.get_optimizer(config)
-  call = jax.jit(train_lib.get_step_fns(config, sde, model, tx)[0], donate_argnums=0)
+  call = jax.jit(train_lib.get_step_fns(config, sde, model, tx)[0],
+                 donate_argnums=0 if donate else ())
   shape = (config.training.batch_size,) + mutils.get_data_shape(config)
   if abstract:
     def init():
@@ -74,16 +77,15 @@ def measure(name, batch, order, n_micro, remat):
               compile_s=time.perf_counter() - start)
 
 
-def step_time(order, n_micro, remat, repeats):
-  config = _config('tiny_ddpmpp', 16, order, n_micro, remat)
-  call, state, data = _train_call(config, abstract=False)
-  state = jax.block_until_ready(call(state, data)[0])  # compile; the state is donated
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state = jax.block_until_ready(call(state, data)[0])
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+def step_times(order, settings, repeats):
+  """{(n_microbatches, remat): median step time / the plain step's} on the tiny DDPM++ (batch
+  16), every setting of the order timed round-robin with the plain step."""
+  calls = {}
+  for n, remat in [(1, 'none')] + [x for x in settings if x != (1, 'none')]:
+    call, state, data = _train_call(_config('tiny_ddpmpp', 16, order, n, remat), False, False)
+    calls[(n, remat)] = (call, (state, data))
+  times = bc.interleaved_times(calls, repeats)
+  return {k: times[k][0] / times[(1, 'none')][0] for k in calls}
 
 
 def _read(path):
@@ -159,18 +161,19 @@ def main():
   args.remats = args.remats.split(',')
   print(bc.machine_line(), flush=True)
   if args.what == 'measure':
+    losses.UNROLLED_BACKENDS = ()  # the program accelerators run (a lax.scan of microbatches)
     run_grid(args, args.configs.split(','), args.batch,
              lambda name, o, n, remat: measure(name, args.batch, o, n, remat))
   elif args.what == 'timing':
-    base = {}
-
-    def timed(name, o, n, remat):
-      del name
-      t = step_time(o, n, remat, args.repeats)
-      base.setdefault(o, step_time(o, 1, 'none', args.repeats) if (n, remat) != (1, 'none')
-                      else t)
-      return dict(peak_gib=0., temp_gib=0., args_gib=0., compile_s=0., time_ratio=t / base[o])
-    run_grid(args, ['tiny_ddpmpp'], 16, timed)
+    done = {_key(r) for r in _read(args.csv)}
+    for order in args.orders:
+      settings = [(n, r) for r in args.remats for n in args.microbatches]
+      for (n, remat), ratio in step_times(order, settings, args.repeats).items():
+        row = dict(config='tiny_ddpmpp', batch=16, order=order, n_microbatches=n, remat=remat,
+                   peak_gib=0., temp_gib=0., args_gib=0., compile_s=0., time_ratio=ratio)
+        if _key(row) not in done:
+          print(row, flush=True)
+          _append(args.csv, row)
   else:
     rows = _read(args.results)
     for gb in (int(g) for g in args.memory_gb.split(',')):
