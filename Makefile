@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/likelihood.py
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/memory.py recommend
 
 clean:
 	rm -rf $(VENV) runs

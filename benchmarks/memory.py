@@ -125,10 +125,11 @@ def run_grid(args, configs, batch, measure_row):
 
 
 def recommend(rows, memory_gb, headroom=0.9):
-  """{order: (row, time factor)} of the fastest measured setting fitting memory_gb per order.
+  """{(config, order): (row, time factor or None)}: per config and order the measured setting
+  that fits memory_gb with 10% headroom at the lowest time factor (fewest microbatches on ties).
 
   The time factor of (n, remat) is time(n, none) / time(1, none) x time(1, remat) / time(1, none)
-  from the tiny-config timing rows (1 where not measured)."""
+  from the tiny-config timing rows; None where one of them was not measured."""
   timing = {(int(r['order']), int(r['n_microbatches']), r['remat']): float(r['time_ratio'])
             for r in rows if r['config'] == 'tiny_ddpmpp' and r.get('time_ratio')}
   out = {}
@@ -136,11 +137,14 @@ def recommend(rows, memory_gb, headroom=0.9):
     if r['config'] == 'tiny_ddpmpp' or float(r['peak_gib']) * GiB > headroom * memory_gb * 1e9:
       continue
     o, n, remat = int(r['order']), int(r['n_microbatches']), r['remat']
-    factor = timing.get((o, n, 'none'), 1.) * timing.get((o, 1, remat), 1.)
+    parts = [1. if n == 1 else timing.get((o, n, 'none')),
+             1. if remat == 'none' else timing.get((o, 1, remat))]
+    factor = None if None in parts else parts[0] * parts[1]
     key = (r['config'], o)
-    if key not in out or factor < out[key][1]:
-      out[key] = (r, factor)
-  return out
+    rank = (1. if factor is None else factor, n)
+    if key not in out or rank < out[key][2]:
+      out[key] = (r, factor, rank)
+  return {k: v[:2] for k, v in out.items()}
 
 
 def main():
@@ -178,12 +182,15 @@ def main():
     rows = _read(args.results)
     for gb in (int(g) for g in args.memory_gb.split(',')):
       for (name, order), (r, factor) in sorted(recommend(rows, gb).items()):
+        cost = 'step time not measured' if factor is None else f'step time x{factor:.2f}'
         print(f'{gb} GB, {name}, order {order}: n_microbatches={r["n_microbatches"]}, '
-              f'remat={r["remat"]} (peak {float(r["peak_gib"]):.1f} GiB, step time x{factor:.2f})')
+              f'remat={r["remat"]} (peak {float(r["peak_gib"]):.1f} GiB, {cost})')
       for name in sorted({r['config'] for r in rows} - {'tiny_ddpmpp'}):
         for order in (1, 2, 3):
           if (name, order) not in recommend(rows, gb):
-            print(f'{gb} GB, {name}, order {order}: no measured setting fits')
+            measured = any(r['config'] == name and int(r['order']) == order for r in rows)
+            print(f'{gb} GB, {name}, order {order}: '
+                  + ('no measured setting fits' if measured else 'not measured'))
 
 
 if __name__ == '__main__':
