@@ -79,16 +79,15 @@ def one_bpd(args):
               nfe=int(nfe), bpd=float(jnp.mean(bpd)))
 
 
-def _child(args, extra):
-  """One measurement in a fresh process (its own peak memory); in-process for --cpu_smoke."""
+def _child(args, **what):
+  """One measurement (one=ORDER, n_micro, remat; or bpd=True) in a fresh process, so its peak
+  memory is its own; in this process for --cpu_smoke."""
+  one = argparse.Namespace(**{**vars(args), 'one': 0, 'bpd': False, **what})
   if args.cpu_smoke:
-    one = argparse.Namespace(**vars(args))
-    one.one, one.n_micro, one.remat, one.bpd = 0, 1, 'none', '--bpd' in extra
-    if not one.bpd:
-      one.one, one.n_micro, one.remat = int(extra[1]), int(extra[3]), extra[5]
     return one_bpd(one) if one.bpd else one_order(one)
-  cmd = [sys.executable, os.path.abspath(__file__), *extra] + (['--cpu_smoke'] if args.cpu_smoke
-                                                              else ['--config', args.config])
+  extra = ['--bpd'] if one.bpd else ['--one', str(one.one), '--n_micro', str(one.n_micro),
+                                    '--remat', one.remat]
+  cmd = [sys.executable, os.path.abspath(__file__), *extra, '--config', args.config]
   r = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if r.returncode:
     raise SystemExit(f'{" ".join(extra)} failed:\n{r.stderr[-3000:]}')
@@ -118,10 +117,9 @@ def main():
   for order in (int(o) for o in args.orders.split(',')):
     row = plan.get((args.config, order), ({'n_microbatches': 1, 'remat': 'none'}, 1.))[0]
     n_micro = 2 if args.cpu_smoke and order == 3 else int(row['n_microbatches'])
-    rows.append(_child(args, ['--one', str(order), '--n_micro', str(n_micro),
-                              '--remat', row['remat']]))
+    rows.append(_child(args, one=order, n_micro=n_micro, remat=row['remat']))
     print(rows[-1], flush=True)
-  rows.append(_child(args, ['--bpd']))
+  rows.append(_child(args, bpd=True))
   header = ['what', 'setting', 'ms', 'peak_gib', 'nfe', 'bpd']
   print(bc.markdown_table(f'gpu_check ({"cpu smoke" if args.cpu_smoke else args.config})', header,
                           [[r.get(h) for h in header] for r in rows]))
