@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import high_order
 import losses
 import sde_lib
 from configs.base_config import get_base_config
@@ -206,7 +207,7 @@ def test_exact_derivatives_match_jacfwd(dim):
   x, t, _ = _fixed_inputs(dim)
   fn = lambda y: score_fn(y, t)[0]
   for order in (2, 3):
-    s, jac, grad_tr = jax.jit(lambda y: losses.exact_derivatives(fn, y, order))(x)
+    s, jac, grad_tr = jax.jit(lambda y: high_order.exact_derivatives(fn, y, order))(x)
     want_jac = jax.vmap(jax.jacfwd(single))(x, t)
     np.testing.assert_allclose(s, jax.vmap(single)(x, t), rtol=1e-6)
     np.testing.assert_allclose(jac, want_jac, rtol=1e-5, atol=1e-6)
