@@ -239,10 +239,10 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
 
   The loss of get_sde_loss_fn and its gradient wrt params (None unless grad), accumulated over
   options.n_microbatches slices of the batch (see `microbatches`; a lax.scan, unrolled on
-  UNROLLED_BACKENDS): t, z and v are drawn
-  for the whole batch first, so any split gives the unsplit step's loss and gradient up to float
-  rounding (dropout masks are drawn per microbatch). The model state passes from one microbatch
-  to the next. The network runs under the options.remat policy.
+  UNROLLED_BACKENDS): t, z and v are drawn for the whole batch first, so any split gives the
+  unsplit step's loss and gradient up to float rounding (dropout masks are drawn per
+  microbatch). The model state passes from one microbatch to the next. The network runs under
+  the options.remat policy.
   """
   from models import utils as mutils  # here, so that importing losses does not import models
   n = options.n_microbatches
@@ -351,13 +351,12 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
                      'config.training.continuous = True.')
   if train and optimize_fn is None:
     raise ValueError('A training step needs optimize_fn: pass losses.get_optimizer(config).')
-  grad_fn = get_loss_and_grad_fn(sde, model, train, options, grad=True)
-  loss_fn = get_sde_loss_fn(sde, model, train, options=options)
+  loss_fn = get_loss_and_grad_fn(sde, model, train, options, grad=train)
 
   def step_fn(state, batch):
     rng, step_rng = jax.random.split(state.rng)
     if train:
-      (loss, (new_model_state, loss1, loss2, loss3)), grads = grad_fn(
+      (loss, (new_model_state, loss1, loss2, loss3)), grads = loss_fn(
         step_rng, state.params, state.model_state, batch)
       finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
       updates, new_opt_state = optimize_fn.update(grads, state.opt_state, state.params)
@@ -375,8 +374,8 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
         failed = state
       new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), updated, failed)
     else:
-      loss, (_, loss1, loss2, loss3) = loss_fn(step_rng, state.params_ema, state.model_state,
-                                               batch)
+      (loss, (_, loss1, loss2, loss3)), _ = loss_fn(step_rng, state.params_ema,
+                                                    state.model_state, batch)
       finite = jnp.isfinite(loss)
       new_state = state.replace(rng=rng)
     metrics = {'loss': loss, 'loss1': loss1, 'loss2': loss2, 'loss3': loss3, 'finite': finite}

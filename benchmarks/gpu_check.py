@@ -28,7 +28,7 @@ FULL = dict(batch=128, bpd_batch=16, rtol=1e-5, steps=5)
 
 
 def _smoke_config(batch, order, n_micro, remat):
-  config = memory._config('tiny_ddpmpp', batch, order, n_micro, remat)  # pylint: disable=W0212
+  config = memory.config_for('tiny_ddpmpp', batch, order, n_micro, remat)
   config.model.nf, config.model.ch_mult, config.model.attn_resolutions = 8, (1,), ()
   return config
 
@@ -38,8 +38,8 @@ def one_order(args):
   if args.cpu_smoke:
     config = _smoke_config(SMOKE['batch'], args.one, args.n_micro, args.remat)
   else:
-    config = memory._config(args.config, FULL['batch'], args.one, args.n_micro, args.remat)  # pylint: disable=W0212
-  call, state, data = memory._train_call(config, abstract=False)  # pylint: disable=W0212
+    config = memory.config_for(args.config, FULL['batch'], args.one, args.n_micro, args.remat)
+  call, state, data = memory.train_call(config, abstract=False)
   start = time.perf_counter()
   state = jax.block_until_ready(call(state, data)[0])
   compile_s = time.perf_counter() - start
@@ -63,7 +63,7 @@ def one_bpd(args):
   from models import utils as mutils  # pylint: disable=import-outside-toplevel
   size = SMOKE if args.cpu_smoke else FULL
   config = (_smoke_config(size['bpd_batch'], 1, 1, 'none') if args.cpu_smoke
-            else memory._config(args.config, size['bpd_batch'], 1, 1, 'none'))  # pylint: disable=W0212
+            else memory.config_for(args.config, size['bpd_batch'], 1, 1, 'none'))
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(0))
   sde, eps = sde_lib.get_sde(config)
   fn = likelihood.get_likelihood_fn(sde, model, datasets.get_data_inverse_scaler(config),
@@ -111,7 +111,7 @@ def main():
     return
   stats = jax.devices()[0].memory_stats() or {}
   gb = args.memory_gb or stats.get('bytes_limit', 0) / 1e9 or 16.
-  plan = memory.recommend(memory._read(memory.RESULTS), gb)  # pylint: disable=W0212
+  plan = memory.recommend(memory.read_rows(memory.RESULTS), gb)
   print(bc.machine_line(), f'| recommendations for {gb:.0f} GB', flush=True)
   rows = []
   for order in (int(o) for o in args.orders.split(',')):

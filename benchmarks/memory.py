@@ -4,7 +4,8 @@
   .venv/bin/python benchmarks/memory.py timing            # time cost of each setting (tiny DDPM++)
   .venv/bin/python benchmarks/memory.py recommend [--memory_gb 40]
 
-measure: the whole jitted training step (losses.get_step_fn with Adam and EMA, the state donated) of the full-size CIFAR-10 configs at the paper's batch (128 on one device),
+measure: the whole jitted training step (losses.get_step_fn with Adam and EMA, the state donated)
+of the full-size CIFAR-10 configs at the paper's batch (128 on one device),
 compiled only (abstract state, no accelerator needed; the microbatches as the lax.scan that
 accelerators run): peak = arguments + outputs - aliased + XLA
 temp bytes, as `compile().memory_analysis()` reports them for this backend. Rows are appended to
@@ -38,9 +39,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'm
 DEVICE_GB = (16, 24, 40, 80)
 
 
-def _config(name, batch, order, n_micro, remat):
+def config_for(name, batch, order, n_micro, remat):
   import importlib  # pylint: disable=import-outside-toplevel
-  config = (importlib.import_module(f'configs.{FULL[name]}').get_config() if name in FULL
+  config = (importlib.import_module(f'configs.{FULL[name]}').getconfig_for() if name in FULL
             else bc.tiny_config(name, batch))
   t = config.training
   t.batch_size, t.score_matching_order, t.n_microbatches, t.remat = batch, order, n_micro, remat
@@ -48,9 +49,10 @@ def _config(name, batch, order, n_micro, remat):
   return config
 
 
-def _train_call(config, abstract, donate=True):
-  """(jitted training step with the state donated, state, batch) of config: train_lib's step
-  (the body of its n_jitted_steps scan; the scan wrapper itself took 5x longer to compile on CPU)."""
+def train_call(config, abstract, donate=True):
+  """(jitted training step, state donated unless not `donate`; state; batch) of config:
+  train_lib's step (the body of its n_jitted_steps scan; the scan wrapper itself took 5x longer to
+  compile on CPU)."""
   sde, _ = sde_lib.get_sde(config)
   model = mutils.get_model(config.model.name)(config=config)
   tx = losses.get_optimizer(config)
@@ -67,8 +69,8 @@ def _train_call(config, abstract, donate=True):
 
 
 def measure(name, batch, order, n_micro, remat):
-  config = _config(name, batch, order, n_micro, remat)
-  call, state, data = _train_call(config, abstract=True)
+  config = config_for(name, batch, order, n_micro, remat)
+  call, state, data = train_call(config, abstract=True)
   start = time.perf_counter()
   mem = call.lower(state, data).compile().memory_analysis()
   args = mem.argument_size_in_bytes
@@ -82,13 +84,13 @@ def step_times(order, settings, repeats):
   16), every setting of the order timed round-robin with the plain step."""
   calls = {}
   for n, remat in [(1, 'none')] + [x for x in settings if x != (1, 'none')]:
-    call, state, data = _train_call(_config('tiny_ddpmpp', 16, order, n, remat), False, False)
+    call, state, data = train_call(config_for('tiny_ddpmpp', 16, order, n, remat), False, False)
     calls[(n, remat)] = (call, (state, data))
   times = bc.interleaved_times(calls, repeats)
   return {k: times[k][0] / times[(1, 'none')][0] for k in calls}
 
 
-def _read(path):
+def read_rows(path):
   if not os.path.exists(path):
     return []
   with open(path, newline='') as f:
@@ -110,7 +112,7 @@ def _key(row):
 
 
 def run_grid(args, configs, batch, measure_row):
-  done = {_key(r) for r in _read(args.csv)}
+  done = {_key(r) for r in read_rows(args.csv)}
   for name in configs:
     for order in args.orders:
       for remat in args.remats:
@@ -169,7 +171,7 @@ def main():
     run_grid(args, args.configs.split(','), args.batch,
              lambda name, o, n, remat: measure(name, args.batch, o, n, remat))
   elif args.what == 'timing':
-    done = {_key(r) for r in _read(args.csv)}
+    done = {_key(r) for r in read_rows(args.csv)}
     for order in args.orders:
       settings = [(n, r) for r in args.remats for n in args.microbatches]
       for (n, remat), ratio in step_times(order, settings, args.repeats).items():
@@ -179,7 +181,7 @@ def main():
           print(row, flush=True)
           _append(args.csv, row)
   else:
-    rows = _read(args.results)
+    rows = read_rows(args.results)
     for gb in (int(g) for g in args.memory_gb.split(',')):
       for (name, order), (r, factor) in sorted(recommend(rows, gb).items()):
         cost = 'step time not measured' if factor is None else f'step time x{factor:.2f}'
