@@ -17,11 +17,13 @@ import sde_lib
 import train_lib
 from configs.toy import checkerboard_vp
 
+STEPS = 3  # updates per jitted call, compared after all of them
+
 
 def _config(order, importance, exact=False, n_micro=1, remat='none'):
   config = checkerboard_vp.get_config()
   t = config.training
-  t.batch_size, t.n_jitted_steps = 64, 2
+  t.batch_size, t.n_jitted_steps = 64, STEPS
   config.model.encoder_layers, config.model.temb_dim, config.model.decoder_layers = (32,), 16, (64,)
   t.score_matching_order, t.exact_jacobian = order, exact
   t.likelihood_weighting = t.importance_weighting = importance
@@ -36,7 +38,7 @@ def _train(config, built):
   sde, _ = sde_lib.get_sde(config)
   step_fn = train_lib.get_step_fns(config, sde, model, tx)[0]
   multi = parallel.get_multi_step_fn(step_fn, parallel.make_mesh(), donate=False)
-  batch = {'image': jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 2), minval=-4, maxval=4)}
+  batch = {'image': jax.random.uniform(jax.random.PRNGKey(1), (STEPS, 64, 2), minval=-4, maxval=4)}
   return multi(state, batch)
 
 
@@ -60,7 +62,7 @@ def test_microbatches_give_the_whole_batch_update(order, importance, exact, rema
     # Adam divides by sqrt(nu): where a gradient is near 0 a rounding difference moves the update
     # by a fraction of a step (a few 1e-6 here, against updates of 1e-3).
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
-  assert int(split.step) == int(whole.step) == 2
+  assert int(split.step) == int(whole.step) == STEPS
   # The updates moved the parameters far more than the tolerance above.
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
     jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(built[2].params)))

@@ -10,15 +10,12 @@ where this project's references hold it, and an estimate of accelerator hours.
 """
 import argparse
 import dataclasses
-import os
-import sys
 from typing import Optional
 
 import configs
+import readme_sections
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(ROOT, 'README.md')
-BEGIN, END = '<!-- recipes:begin -->', '<!-- recipes:end -->'
+SECTION = 'recipes'  # README's generated section (readme_sections)
 
 ORDERS = (1, 2, 3)
 # mle_score_ode's default configs: "First and second order score: batch_size = 128" (commented
@@ -198,7 +195,7 @@ def _shell(argv):
 
 
 def markdown():
-  """README's "Reproduce the paper" section body (between the BEGIN / END markers)."""
+  """README's "Reproduce the paper" section body (between its readme_sections markers)."""
   all_rows = rows()
   lines = [
     '| experiment | order | result | paper | accelerator hours (estimate: fine-tune + eval) |',
@@ -240,30 +237,12 @@ def markdown():
   return '\n'.join(lines) + '\n'
 
 
-def readme_section(text):
-  """The text between README's recipe markers (ValueError if they are missing)."""
-  if BEGIN not in text or END not in text:
-    raise ValueError(f'README.md lacks the {BEGIN} / {END} markers.')
-  return text.split(BEGIN, 1)[1].split(END, 1)[0].strip('\n') + '\n'
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--write', action='store_true', help='rewrite the section in README.md')
   parser.add_argument('--check', action='store_true', help='exit 1 if README.md differs')
   args = parser.parse_args()
-  text = markdown()
-  if args.write or args.check:
-    with open(README) as f:
-      readme = f.read()
-    if args.check:
-      sys.exit(0 if readme_section(readme) == text else 1)
-    head, rest = readme.split(BEGIN, 1)
-    with open(README, 'w') as f:
-      f.write(head + BEGIN + '\n' + text + END + rest.split(END, 1)[1])
-    return
-  print(text, end='')
-
+  readme_sections.write_or_check(SECTION, markdown(), args.write, args.check)
 
 if __name__ == '__main__':
   main()

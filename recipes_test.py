@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import configs
+import readme_sections
 import recipes
 
 STEP = 2  # the synthetic start checkpoint's step; the tiny fine-tune runs one step past it
@@ -94,8 +95,8 @@ def mocked_tfds():
 # ------------------------------------------------------------------------------------------------
 
 def test_readme_section_is_the_generated_one():
-  with open(recipes.README) as f:
-    assert recipes.readme_section(f.read()) == recipes.markdown(), (
+  with open(readme_sections.README) as f:
+    assert readme_sections.section(f.read(), recipes.SECTION) == recipes.markdown(), (
       'README.md differs from recipes.py: run python recipes.py --write')
 
 
