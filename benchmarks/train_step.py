@@ -182,21 +182,21 @@ def _derivs_jet(fn, x, order):
   if order == 2:
     return high_order.exact_derivatives(fn, x, 2)
   d = x.shape[1]
-  basis = losses._basis(x)  # pylint: disable=protected-access
+  basis = high_order._basis(x)  # pylint: disable=protected-access
   dirs = basis + ([] if d == 1 else [jnp.ones_like(x)])
   outs = [jet.jet(fn, (x,), ((u, jnp.zeros_like(x)),)) for u in dirs]
   s = outs[0][0]
   jac = jnp.stack([o[1][0] for o in outs[:d]], -1)
   h = [o[1][1] for o in outs]
   h12 = None if d == 1 else 0.5 * (h[2] - h[0] - h[1])
-  return s, jac, _hessian_trace_grad(h[0], h12, h[-1] if d == 2 else None, d)
+  return s, jac, _hessian_trace_grad(h[0], h12, h[1] if d == 2 else None, d)
 
 
 def _derivs_fwdfwd(fn, x, order):
   """Forward over forward: one nested jvp per pair of directions."""
   if order == 2:
     return high_order.exact_derivatives(fn, x, 2)
-  e = losses._basis(x)  # pylint: disable=protected-access
+  e = high_order._basis(x)  # pylint: disable=protected-access
   d = x.shape[1]
 
   def second(a, b):  # (s, J e_a, J e_b, f''[e_a, e_b])
