@@ -40,6 +40,12 @@ def test_recommend_takes_the_fastest_setting_that_fits_with_headroom():
   rows.append(_row('cifar10_ddpmpp', 3, 16, 'none', 5.))
   assert memory.recommend(rows, 24)[('cifar10_ddpmpp', 3)][0]['n_microbatches'] == '4'
   assert memory.recommend(rows, 16)[('cifar10_ddpmpp', 3)] == (rows[-1], None)
+  # A split measured faster than the whole batch on the CPU (0.8x) does not displace a whole
+  # batch that fits.
+  rows += [_row('cifar10_ddpmpp', 1, 1, 'none', 23.), _row('cifar10_ddpmpp', 1, 4, 'none', 5.),
+           _timing(1, 4, 'none', 0.8)]
+  assert memory.recommend(rows, 40)[('cifar10_ddpmpp', 1)][0]['n_microbatches'] == '1'
+  assert memory.recommend(rows, 16)[('cifar10_ddpmpp', 1)] == (rows[-2], 0.8)
 
 
 def test_readme_section_is_generated_from_the_committed_rows():
