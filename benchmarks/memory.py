@@ -294,13 +294,14 @@ def main():
   else:
     rows = read_rows(args.results)
     for gb in (int(g) for g in args.memory_gb.split(',')):
-      for (name, order), (r, factor) in sorted(recommend(rows, gb).items()):
+      plan = recommend(rows, gb)
+      for (name, order), (r, factor) in sorted(plan.items()):
         cost = 'step time not measured' if factor is None else f'step time x{factor:.2f}'
         print(f'{gb} GB, {name}, order {order}: n_microbatches={r["n_microbatches"]}, '
               f'remat={r["remat"]} (peak {float(r["peak_gib"]):.1f} GiB, {cost})')
       for name in sorted({r['config'] for r in rows} - {'tiny_ddpmpp'}):
         for order in (1, 2, 3):
-          if (name, order) not in recommend(rows, gb):
+          if (name, order) not in plan:
             measured = any(r['config'] == name and int(r['order']) == order for r in rows)
             print(f'{gb} GB, {name}, order {order}: '
                   + ('no measured setting fits' if measured else 'not measured'))
