@@ -2,7 +2,8 @@
 
 Per-example terms for losses.score_matching_losses (formulas: losses.py's docstring): the
 Rademacher-probe (JVP) estimators for any data size, and the exact-Jacobian ones of toy.py for data
-of at most two dimensions.
+of at most two dimensions (their derivatives by the model's own pass where it has one, as the toy
+MLP's Taylor pass, else by autodiff).
 """
 import jax
 import jax.numpy as jnp
@@ -31,12 +32,31 @@ def _jacobian(fn, x):
   return value, jnp.stack([fn_jvp(e) for e in _basis(x)], axis=-1)
 
 
+def with_derivatives(fn, derivatives):
+  """fn carrying derivatives(x, order) -> (s, J, grad_x tr J or None), a pass of its own that
+  exact_derivatives takes in place of autodiff (models.mlp.taylor_derivatives for the toy MLP)."""
+  fn.exact_derivatives = derivatives
+  return fn
+
+
 def exact_derivatives(fn, x, order):
   """(s, J, grad_x tr J) of a per-example map fn on flat (B, D) data, D <= 2, exactly.
 
-  Order 2 needs s and J (grad_x tr J is None). Order 3 takes grad_x tr J by forward-over-forward
-  mode in 1-D (s'' from one nested jvp: 3 streams) and by reverse mode over the linearized
-  Jacobian in 2-D (the cheapest of the options in benchmarks/train_step.py --toy).
+  Order 2 needs s and J (grad_x tr J is None). fn's own pass when it carries one (see
+  `with_derivatives`), else `autodiff_derivatives`.
+  """
+  own = getattr(fn, 'exact_derivatives', None)
+  if own is not None:
+    return own(x, order)
+  return autodiff_derivatives(fn, x, order)
+
+
+def autodiff_derivatives(fn, x, order):
+  """exact_derivatives of any fn by JAX autodiff.
+
+  Order 3 takes grad_x tr J by forward-over-forward mode in 1-D (s'' from one nested jvp: 3
+  streams) and by reverse mode over the linearized Jacobian in 2-D (the cheapest of the autodiff
+  options in benchmarks/train_step.py --toy).
   """
   if order == 2:
     return _jacobian(fn, x) + (None,)
@@ -98,7 +118,7 @@ def exact_jacobian_losses(fn, perturbed, std, z, order, dim):
   toy.py's 'score_eps_second_jac' / 'score_eps_third': exact_derivatives of fn on flat data.
   """
   losses3 = None
-  flat_fn = lambda y: flat(fn(y.reshape(perturbed.shape)))
+  flat_fn = fn if perturbed.ndim == 2 else lambda y: flat(fn(y.reshape(perturbed.shape)))
   score, jac, grad_tr = exact_derivatives(flat_fn, flat(perturbed), order)
   eye = jnp.eye(dim, dtype=perturbed.dtype)
   std_, std2, c = _dsm_target(z, score, std)

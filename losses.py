@@ -132,7 +132,9 @@ def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_mat
                           exact_jacobian=False, options=None):
   """Per-example DSM losses of orders 1..score_matching_order at given t, z and probe v.
 
-  score_fn(x, t, rng=None) -> (score, new_model_state). `data` is the clean batch (B, ...), `t`
+  score_fn(x, t, rng=None) -> (score, new_model_state); one that carries derivatives(x, t, order,
+  rng=None) (models.utils.get_score_fn of a model with its own pass) gives high_order the exact
+  x-derivatives by that pass. `data` is the clean batch (B, ...), `t`
   (B,), `z` the DSM noise (shape of data), `v` the Rademacher probe (orders 2 and 3 without
   exact_jacobian). `options` (a LossOptions) replaces the loose keywords. Returns (losses1,
   losses2, losses3, new_model_state), each loss of shape (B,); unused orders are zeros. Orders 2
@@ -158,6 +160,8 @@ def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_mat
     score, new_model_state = score_fn(perturbed, t, rng=rng)
   else:
     fn = lambda x: score_fn(x, t, rng=rng)[0]
+    if hasattr(score_fn, 'derivatives'):
+      fn = high_order.with_derivatives(fn, lambda x, o: score_fn.derivatives(x, t, o, rng=rng))
     if options.exact_jacobian:
       score, losses2, losses3 = high_order.exact_jacobian_losses(fn, perturbed, std, z, order, dim)
     else:
@@ -199,12 +203,18 @@ def microbatches(x, n):
 
 
 def remat_score_fn(score_fn, remat):
-  """score_fn(x, t, rng=None) under the jax.checkpoint policy REMAT_POLICIES[remat]."""
+  """score_fn(x, t, rng=None) (and its derivatives pass, if it carries one) under the
+  jax.checkpoint policy REMAT_POLICIES[remat]."""
   if REMAT_POLICIES[remat] is None:
     return score_fn
-  checkpointed = jax.checkpoint(lambda x, t, rng: score_fn(x, t, rng=rng),
-                                policy=REMAT_POLICIES[remat])
-  return lambda x, t, rng=None: checkpointed(x, t, rng)
+  policy = REMAT_POLICIES[remat]
+  checkpointed = jax.checkpoint(lambda x, t, rng: score_fn(x, t, rng=rng), policy=policy)
+  remat_fn = lambda x, t, rng=None: checkpointed(x, t, rng)
+  if hasattr(score_fn, 'derivatives'):
+    derivatives = jax.checkpoint(lambda x, t, order, rng: score_fn.derivatives(x, t, order, rng),
+                                 policy=policy, static_argnums=(2,))
+    remat_fn.derivatives = lambda x, t, order, rng=None: derivatives(x, t, order, rng)
+  return remat_fn
 
 
 def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,

@@ -1,5 +1,6 @@
 """The toy MLP: toy.py's architecture (parameter count of the PyTorch ScoreNetwork), flat data,
-and the label conventions of get_score_fn."""
+the label conventions of get_score_fn, and its Taylor pass (exact x-derivatives) against
+autodiff and jax.jacfwd, in the training loss too."""
 import importlib
 
 import jax
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 import models  # noqa: F401
+import high_order
+import losses
 import sde_lib
 from models import mlp
 from models import utils as mutils
@@ -87,3 +90,70 @@ def test_mlp_rejects_images_and_scaled_vp():
   with pytest.raises(ValueError, match='scale_by_sigma'):
     jax.eval_shape(lambda k: model.init(k, jnp.zeros((2, 1)), jnp.zeros((2,))),
                    jax.random.PRNGKey(0))
+
+
+def _toy_inputs(config, dim, batch=6):
+  x = jax.random.normal(jax.random.PRNGKey(dim), (batch, dim)) * 2.
+  t = jnp.linspace(0.02, 0.9, batch)
+  if config.training.sde == 'vesde':
+    return x, config.model.sigma_min * (config.model.sigma_max / config.model.sigma_min) ** t
+  return x, 999. * t
+
+
+@pytest.mark.parametrize('order', [2, 3])
+@pytest.mark.parametrize('name,dim', [('mog1d_ve', 1), ('checkerboard_ve', 2),
+                                      ('checkerboard_vp', 2)])
+def test_taylor_derivatives_match_autodiff_and_jacfwd(name, dim, order):
+  """The MLP's Taylor pass gives autodiff's (out, J, grad_x tr J), and J, grad_x tr J of jacfwd."""
+  config = toy_config(name)
+  model, _, params = mutils.init_model(jax.random.PRNGKey(3), config)
+  x, labels = _toy_inputs(config, dim)
+  fn = lambda y: model.apply({'params': params}, y, labels)
+  got = jax.jit(lambda y: model.apply({'params': params}, y, labels, order,
+                                      method='derivatives'))(x)
+  want = high_order.autodiff_derivatives(fn, x, order)
+  assert got[1].shape == (x.shape[0], dim, dim)
+  for a, b in zip(got, want):
+    if b is None:
+      assert a is None
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+  row = lambda y, i: fn(x.at[i].set(y))[i]
+  for i in range(x.shape[0]):
+    np.testing.assert_allclose(got[1][i], jax.jacfwd(row)(x[i], i), rtol=1e-4, atol=1e-7)
+    if order == 3:
+      tr = lambda y: jnp.trace(jax.jacfwd(row)(y, i))
+      np.testing.assert_allclose(got[2][i], jax.grad(tr)(x[i]), rtol=1e-4, atol=1e-7)
+
+
+def _no_autodiff(*args):
+  raise AssertionError('autodiff taken where the Taylor pass should be')
+
+
+@pytest.mark.parametrize('order', [2, 3])
+@pytest.mark.parametrize('name', ['mog1d_ve', 'checkerboard_ve', 'checkerboard_vp'])
+def test_exact_jacobian_loss_and_gradient_match_the_autodiff_path(name, order, monkeypatch):
+  """The training loss takes the MLP's pass (get_score_fn's derivatives); its value and parameter
+  gradient equal those of the same loss with the derivatives taken by autodiff."""
+  config = toy_config(name)
+  model, states, params = mutils.init_model(jax.random.PRNGKey(4), config)
+  sde, _ = sde_lib.get_sde(config)
+  score_fn = mutils.get_score_fn(sde, model, params, states, train=True, continuous=True,
+                                 return_state=True)
+  assert hasattr(score_fn, 'derivatives')
+  loss_fn = losses.get_sde_loss_fn(sde, model, True, reduce_mean=True, continuous=True,
+                                   likelihood_weighting=False, importance_weighting=False,
+                                   score_matching_order=order, loss_weights=(1., 0.5, 0.1),
+                                   exact_jacobian=True)
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(5), (64, config.data.dim))}
+  grad_fn = lambda: jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True))(
+    jax.random.PRNGKey(6), params, states, batch)
+  autodiff = high_order.autodiff_derivatives
+  monkeypatch.setattr(high_order, 'autodiff_derivatives', _no_autodiff)
+  (loss, aux), grads = grad_fn()
+  monkeypatch.setattr(high_order, 'exact_derivatives', autodiff)
+  (loss_a, aux_a), grads_a = grad_fn()
+  np.testing.assert_allclose(loss, loss_a, rtol=1e-5)
+  np.testing.assert_allclose(jnp.stack(aux[1:]), jnp.stack(aux_a[1:]), rtol=1e-5)
+  for g, g_a in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_a)):
+    np.testing.assert_allclose(g, g_a, rtol=1e-4, atol=1e-5 * float(jnp.abs(g_a).max()))

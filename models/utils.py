@@ -131,6 +131,9 @@ def get_score_fn(sde, model, params, states, train=False, continuous=False, retu
   - VE (continuous): labels = std(t); the network (scale_by_sigma) returns the score itself.
   - VE (discrete): labels = round((T - t)(N - 1)), an index into sigmas largest-first.
   - linear VE (continuous only): labels = 999 t, score = -output / std(t).
+  For a model with a `derivatives` method (the toy MLP's Taylor pass) and no state, score_fn also
+  carries derivatives(x, t, order, rng=None) -> (score, J, grad_x tr J or None) wrt x, under the
+  same labels and output scale.
   """
   model_fn = get_model_fn(model, params, states, train=train)
 
@@ -142,38 +145,41 @@ def get_score_fn(sde, model, params, states, train=False, continuous=False, retu
     return out if train else (out, states)
 
   if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-    def score_fn(x, t, rng=None):
+    def labels_and_scale(x, t):
       if continuous or isinstance(sde, sde_lib.subVPSDE):
-        labels = t * 999
-        output, state = _apply(x, labels, rng)
-        std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-      else:
-        labels = t * (sde.N - 1)
-        output, state = _apply(x, labels, rng)
-        std = sde.sqrt_1m_alphas_cumprod[labels.astype(jnp.int32)]
-      return _finish(batch_mul(-output, 1. / std), state)
+        return t * 999, -1. / sde.marginal_prob(jnp.zeros_like(x), t)[1]
+      labels = t * (sde.N - 1)
+      return labels, -1. / sde.sqrt_1m_alphas_cumprod[labels.astype(jnp.int32)]
 
   elif isinstance(sde, sde_lib.VESDE):
-    def score_fn(x, t, rng=None):
-      if not getattr(sde, 'linear', False):
-        if continuous:
-          labels = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-        else:
-          labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
-        score, state = _apply(x, labels, rng)
-      else:
+    def labels_and_scale(x, t):
+      if getattr(sde, 'linear', False):
         if not continuous:
           raise ValueError('The linear VE SDE has no discrete model: set '
                            'config.training.continuous = True.')
-        labels = t * 999
-        output, state = _apply(x, labels, rng)
-        std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-        score = batch_mul(-output, 1. / std)
-      return _finish(score, state)
+        return t * 999, -1. / sde.marginal_prob(jnp.zeros_like(x), t)[1]
+      if continuous:
+        return sde.marginal_prob(jnp.zeros_like(x), t)[1], None
+      return jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32), None
 
   else:
     raise ValueError(f'SDE class {sde.__class__.__name__} is not supported: use VPSDE, subVPSDE '
                      'or VESDE from sde_lib.')
+
+  def score_fn(x, t, rng=None):
+    labels, scale = labels_and_scale(x, t)
+    output, state = _apply(x, labels, rng)
+    return _finish(output if scale is None else batch_mul(output, scale), state)
+
+  if hasattr(model, 'derivatives') and not states:
+    def derivatives(x, t, order, rng=None):
+      """(score, J, grad_x tr J or None) wrt x by the model's own pass (no dropout to drive)."""
+      del rng
+      labels, scale = labels_and_scale(x, t)
+      out = model.apply({'params': params}, x, labels, order, method='derivatives')
+      return out if scale is None else tuple(None if o is None else batch_mul(o, scale)
+                                             for o in out)
+    score_fn.derivatives = derivatives
 
   return score_fn
 
