@@ -15,9 +15,10 @@ Formulations:
 
 Toy MLP (--toy mog1d,checkerboard; on by default): the toy configs at batch 1000 with exact
 Jacobians and loss weights (1, 0.5, 0.1), formulation ours, each order-3 way of taking the exact
-derivatives (--toy-methods): 'ours' (high_order.exact_derivatives: forward-over-forward in 1-D,
-reverse over the linearized Jacobian in 2-D), 'vmap' (the previous code: vmapped tangents for J,
-reverse mode over them), 'jet' (Taylor mode, jax.experimental.jet; in 2-D along e1, e2, e1 + e2),
+derivatives (--toy-methods): 'ours' (high_order.exact_derivatives: the toy MLP's own Taylor
+pass, models.mlp.taylor_derivatives), 'autodiff' (high_order.autodiff_derivatives, what 'ours'
+does for other models: forward-over-forward in 1-D, reverse over the linearized Jacobian in 2-D),
+'vmap' (vmapped tangents for J, reverse mode over them), 'jet' (Taylor mode, jax.experimental.jet; in 2-D along e1, e2, e1 + e2),
 'fwdfwd' (nested jvps; in 2-D the three pairs (1,1), (1,2), (2,2)).
 
 Full-size configs (--full cifar10_ddpmpp,cifar10_ncsnpp; off by default, ~6 min per config on
@@ -211,8 +212,9 @@ def _derivs_fwdfwd(fn, x, order):
   return s, jnp.stack([j1, j2], -1), _hessian_trace_grad(h11, h12, h22, d)
 
 
-DERIVATIVE_METHODS = {'ours': high_order.exact_derivatives, 'vmap': _derivs_vmap, 'jet': _derivs_jet,
-                      'fwdfwd': _derivs_fwdfwd}
+DERIVATIVE_METHODS = {'ours': high_order.exact_derivatives,
+                      'autodiff': high_order.autodiff_derivatives, 'vmap': _derivs_vmap,
+                      'jet': _derivs_jet, 'fwdfwd': _derivs_fwdfwd}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,9 +318,9 @@ def main():
   parser.add_argument('--toy', default='mog1d,checkerboard',
                       help="timed toy MLP configs at batch 1000 (exact Jacobians): mog1d, "
                            "checkerboard; '' for none")
-  parser.add_argument('--toy-methods', default='ours,vmap,jet,fwdfwd',
+  parser.add_argument('--toy-methods', default='ours,autodiff,vmap,jet,fwdfwd',
                       help='ways of taking the exact derivatives (order 3; order 2 uses ours '
-                           'except for vmap): ' + ', '.join(DERIVATIVE_METHODS))
+                           'except for autodiff and vmap): ' + ', '.join(DERIVATIVE_METHODS))
   parser.add_argument('--full', default='',
                       help='compile-only full-size configs, e.g. cifar10_ddpmpp,cifar10_ncsnpp '
                            '(off by default: order 3 alone compiles for ~4 min per config on 2 '
@@ -364,7 +366,7 @@ def main():
     full_formulations = [f for f in args.full_formulations.split(',') if f]
     if toy:  # one order-1 baseline; order 2 has one way besides the old one (J alone)
       plan = [('ours', 'ours', 1)] + [('ours', m, o) for m in toy_methods for o in orders[1:]
-                                      if o == 3 or m in ('ours', 'vmap')]
+                                      if o == 3 or m in ('ours', 'autodiff', 'vmap')]
     else:
       plan = [(f, 'ours', o) for f in (full_formulations if abstract else formulations)
               for o in orders]
@@ -393,7 +395,7 @@ def main():
   notes = [
     'toy_*: the toy MLP (configs/toy/*_ve.py) at batch 1000 with exact Jacobians, one order-1 '
     'baseline; exact: M = the exact derivatives taken by method M (see the module docstring; '
-    'ours = high_order.exact_derivatives, vmap = the previous code).',
+    'ours = high_order.exact_derivatives: the MLP\'s Taylor pass; autodiff = JAX autodiff).',
     'value_and_grad wrt params of the loss (train=True: dropout on), jitted; time = median of '
     f'{args.repeats} calls after compile (block_until_ready), every step of a config timed '
     'round-robin so load changes hit all alike; temp = XLA temp_size_in_bytes.',
