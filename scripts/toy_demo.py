@@ -8,7 +8,8 @@ divergence, RK45 at 1e-5) on fresh samples, against the true NLL of the same sam
 goes through the code CIFAR-10 uses (run_lib.train with training.restore_from, losses, sde_lib,
 likelihood). Independent stages run side by side in --jobs worker processes.
 
-Writes under --workdir: results.csv / results.md (one row per dataset and order),
+Writes under --workdir: results.csv / results.md (one row per dataset and order, with the steps
+per second of its fine-tuning stage and of its dataset's base stage; results.md names the CPU),
 density_<dataset>.png (Figure 1: data, first- and third-order ODE densities) and one training
 workdir per stage. Rerunning resumes: finished stages and evaluations are read back.
 """
@@ -33,7 +34,7 @@ DATASETS = {'mog1d': 'MOG1D', 'checkerboard': 'CHECKERBOARD'}
 WINDOWS = {'mog1d': (-1.3, 1.3), 'checkerboard': (-4.5, 4.5)}
 # Relative cost of a step by (dim, order) at batch 1000 (benchmarks/train_step.py --toy), used
 # only to start the longest stages first.
-STEP_COST = {(1, 1): 1., (1, 2): 2.4, (1, 3): 4.2, (2, 1): 1., (2, 2): 3.6, (2, 3): 7.3}
+STEP_COST = {(1, 1): 1., (1, 2): 2.0, (1, 3): 3.0, (2, 1): 1., (2, 2): 2.8, (2, 3): 5.1}
 PLOTTED_ORDERS = (1, 3)
 # Each dataset's budget (README, "What each lever did"): the 2-D data gain from more, smaller
 # batches; the 1-D third order from larger ones.
@@ -132,9 +133,37 @@ def exact_nll(config, params, model_state, x, chunk=5000):
   return np.concatenate(out), nfe
 
 
+def train_stage(config, stage, slot):
+  """(state, {'train_s', 'steps_per_s'}) of run_lib.train on one stage (resumable).
+
+  steps_per_s is the stage's steps over the wall time of run_lib.train (compile and data set-up
+  included, other stages running side by side), None when the stage resumed part-way; the row is
+  kept in train.json, so a rerun reads it back rather than timing a resume.
+  """
+  import layout  # pylint: disable=import-outside-toplevel
+  import run_lib  # pylint: disable=import-outside-toplevel
+  workdir = stage['workdir']
+  path = os.path.join(workdir, 'train.json')
+  saved = None
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  fresh = not any(layout.checkpoint_numbers(os.path.join(workdir, d))
+                  for d in (layout.CHECKPOINTS, layout.CHECKPOINTS_META))
+  tic = time.time()
+  state = run_lib.train(config, workdir, progress_desc=f'{stage["dataset"]} {stage["name"]}',
+                        progress_position=slot)
+  if saved is not None:
+    return state, saved
+  train_s = time.time() - tic
+  row = {'train_s': train_s, 'steps_per_s': stage['steps'] / train_s if fresh else None}
+  with open(path, 'w') as f:
+    json.dump(row, f)
+  return state, row
+
+
 def run_stage(stage, slot):
   """Train one stage (resumable) and, for fine-tuning stages, evaluate it; cached in its folder."""
-  import run_lib  # pylint: disable=import-outside-toplevel
   dataset, order, kind, opts = stage['dataset'], stage['order'], stage['kind'], stage['opts']
   workdir = stage['workdir']
   cache = os.path.join(workdir, 'eval')
@@ -142,10 +171,8 @@ def run_stage(stage, slot):
     with open(cache + '.json') as f:
       return json.load(f)
   config = stage_config(opts, dataset, order, stage['steps'], stage['restore_from'])
-  tic = time.time()
-  state = run_lib.train(config, workdir, progress_desc=f'{dataset} {stage["name"]}',
-                        progress_position=slot)
-  row = {'train_s': time.time() - tic}
+  state, row = train_stage(config, stage, slot)
+  row = dict(row)
   if kind == 'finetune':
     tic = time.time()
     x = eval_points(dataset, opts)
@@ -235,6 +262,8 @@ def run_all(stages):
         done.add(stage['workdir'])
         results[stage['workdir']] = row
         what = f'[{stage["dataset"]}] {stage["name"]}: trained in {row["train_s"]:.0f} s'
+        if row.get('steps_per_s'):
+          what += f' ({row["steps_per_s"]:.1f} steps/s)'
         if 'eval_s' in row:
           what += f', NLL of {FLAGS.eval_points} points in {row["eval_s"]:.0f} s (NFE {row["nfe"]})'
         tqdm.tqdm.write(what)
@@ -254,11 +283,13 @@ def dataset_rows(dataset, stages, results):
   and the share of the first-order gap closed."""
   true = -toy_data.toy_log_prob(DATASETS[dataset], eval_points(dataset, dataset_opts(dataset)))
   rows, nlls = [], {}
+  base = next(s for s in stages if s['dataset'] == dataset and s['kind'] == 'base')
   for s in stages:
     if s['dataset'] != dataset or s['kind'] != 'finetune':
       continue
     nlls[s['order']] = np.load(os.path.join(s['workdir'], 'eval.npz'))['nll']
     r = dict(results[s['workdir']])
+    r['base_steps_per_s'] = results[base['workdir']].get('steps_per_s')
     r['nll'], r['nll_stderr'] = _mean_se(nlls[s['order']])
     r['true_nll'] = float(true.mean())
     r['gap'], r['gap_stderr'] = _mean_se(nlls[s['order']] - true)
@@ -272,24 +303,37 @@ def dataset_rows(dataset, stages, results):
 
 
 CSV_KEYS = ['dataset', 'order', 'steps', 'nll', 'true_nll', 'gap', 'nll_stderr', 'gap_stderr',
-            'vs_order1', 'vs_order1_stderr', 'gap_closed', 'nfe', 'train_s', 'eval_s']
+            'vs_order1', 'vs_order1_stderr', 'gap_closed', 'nfe', 'train_s', 'eval_s',
+            'steps_per_s', 'base_steps_per_s']
+
+
+def _rate(value):
+  return '-' if value is None else f'{value:.1f}'
 
 
 def write_table(rows):
+  """results.csv and results.md; the markdown names the CPU, so that a reader can tell a slower
+  machine from slower code by the steps per second."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'benchmarks'))
+  import bench_common  # pylint: disable=import-outside-toplevel
   with open(os.path.join(FLAGS.workdir, 'results.csv'), 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(CSV_KEYS)
     for r in rows:
-      w.writerow([r.get(k, '') for k in CSV_KEYS])
-  lines = ['| dataset | order | steps | NLL (nats) | true NLL | gap | NLL - order 1 (paired) | '
-           'gap closed |', '|---|---|---|---|---|---|---|---|']
+      w.writerow(['' if r.get(k) is None else r[k] for k in CSV_KEYS])
+  lines = [f'CPU {bench_common.cpu_model()} ({os.cpu_count()} visible cores), {FLAGS.jobs} '
+           'stages trained side by side; steps/s: fine-tuning stage (its dataset\'s base stage).',
+           '', '| dataset | order | steps | NLL (nats) | true NLL | gap | NLL - order 1 (paired) | '
+           'gap closed | steps/s |', '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     paired = (f'{r["vs_order1"]:+.4f} +- {r["vs_order1_stderr"]:.4f}' if 'vs_order1' in r
               else '-')
     closed = f'{100 * r["gap_closed"]:.0f}%' if 'gap_closed' in r else '-'
     lines.append(f'| {r["dataset"]} | {r["order"]} | {r["steps"]} | {r["nll"]:.4f} +- '
                  f'{r["nll_stderr"]:.4f} | {r["true_nll"]:.4f} | {r["gap"]:.4f} +- '
-                 f'{r["gap_stderr"]:.4f} | {paired} | {closed} |')
+                 f'{r["gap_stderr"]:.4f} | {paired} | {closed} | {_rate(r.get("steps_per_s"))} '
+                 f'({_rate(r.get("base_steps_per_s"))}) |')
   lines.append('')
   for r in rows:
     if 'gap_closed' in r:

@@ -1,6 +1,7 @@
 """scripts/toy_demo.py (make demo) end to end at toy sizes: both datasets in two worker processes,
-the table (true NLL on the same points as the models), the figures, then a rerun that resumes from
-what is stored (no stage trains or evaluates again)."""
+the table (true NLL on the same points as the models, each stage's steps per second, the CPU),
+the figures, then a rerun that resumes from what is stored (no stage trains or evaluates again,
+the same table)."""
 import csv
 import os
 import subprocess
@@ -48,6 +49,12 @@ def test_demo_writes_table_and_figures_and_resumes(tmp_path):
                                  atol=1e-9)
       np.testing.assert_allclose(float(r['gap_closed']), 1 - float(r['gap']) / float(base['gap']),
                                  rtol=1e-9)
+    # Every stage trained from scratch here: its steps per second (wall time of the stage).
+    assert float(r['steps_per_s']) > 0 and float(r['base_steps_per_s']) > 0
+  assert len({r['base_steps_per_s'] for r in rows}) == 2  # one base stage per dataset
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import bench_common  # pylint: disable=import-outside-toplevel
+  assert f'CPU {bench_common.cpu_model()}' in (wd / 'results.md').read_text()
   for name in ('results.md', 'density_mog1d.png', 'density_checkerboard.png'):
     assert (wd / name).stat().st_size > 0
   for ds in ('mog1d', 'checkerboard'):
