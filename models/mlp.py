@@ -183,9 +183,9 @@ def _output_streams(hidden, output, streams, dim, extra):
   second = dict(zip(second_order_pairs(dim), streams[1 + dim:]))
   adjoints = [(a1 * kernel[:, m]) @ hidden['kernel'].T for m in range(dim)]
   along = a2 * sum(h[1 + i] * kernel[:, i] for i in range(dim))  # a'' sum_i h_i K_i
-  grad_tr = jnp.stack([jnp.sum(along * h[1 + j] + sum(second[(min(i, j), max(i, j))] * adjoints[i]
-                                                        for i in range(dim)), -1)
-                       for j in range(dim)], -1)
+  grad_tr = jnp.stack([jnp.sum(along * h[1 + j], -1)
+                       + jnp.sum(sum(second[(min(i, j), max(i, j))] * adjoints[i]
+                                     for i in range(dim)), -1) for j in range(dim)], -1)
   return out, jac, grad_tr
 
 

@@ -101,11 +101,16 @@ def _toy_inputs(config, dim, batch=6):
 
 
 @pytest.mark.parametrize('order', [2, 3])
-@pytest.mark.parametrize('name,dim', [('mog1d_ve', 1), ('checkerboard_ve', 2),
-                                      ('checkerboard_vp', 2)])
-def test_taylor_derivatives_match_autodiff_and_jacfwd(name, dim, order):
-  """The MLP's Taylor pass gives autodiff's (out, J, grad_x tr J), and J, grad_x tr J of jacfwd."""
+@pytest.mark.parametrize('name,dim,decoder', [
+  ('mog1d_ve', 1, None), ('checkerboard_ve', 2, None), ('checkerboard_vp', 2, None),
+  ('mog1d_vp', 1, (48, 64)), ('checkerboard_ve', 2, (48, 64)), ('checkerboard_vp', 2, (64,))])
+def test_taylor_derivatives_match_autodiff_and_jacfwd(name, dim, decoder, order):
+  """The MLP's Taylor pass gives autodiff's (out, J, grad_x tr J), and J, grad_x tr J of jacfwd
+  (the toy widths, and narrow ones: layers of unequal widths, one decoder layer)."""
   config = toy_config(name)
+  if decoder:
+    config.model.encoder_layers, config.model.temb_dim = (32,), 16
+    config.model.decoder_layers = decoder
   model, _, params = mutils.init_model(jax.random.PRNGKey(3), config)
   x, labels = _toy_inputs(config, dim)
   fn = lambda y: model.apply({'params': params}, y, labels)
