@@ -8,7 +8,8 @@ configs/tiny/digits_deq.py), the median time of one iteration:
   the bound, one jitted call of what the body evaluates, called from Python;
 - looped: the body inside its compiled loop (steps: jit(lax.scan(step_fn)) over one row; the
   PC sampler's fori_loop, the bound's scan and the Dormand-Prince while_loop per iteration);
-- ours: what the product runs on this backend (parallel.get_multi_step_fn / get_multi_eval_fn).
+- ours: what the product runs on this backend (parallel.get_multi_step_fn / get_multi_eval_fn;
+  the ODE-score diagnostic's host-driven backward solve).
 Then `main.py --mode train` for each order (--steps steps, log every --log_every): the steps/s of
 its last log line against the bare step's, in the same run.
 
@@ -56,14 +57,17 @@ def step_rows(name, step_fn, state, batch, consts, repeats, eval_=False):
   return [name, t['bare'], t['looped'], t['ours'], t['looped'] / t['bare'], t['ours'] / t['bare']]
 
 
-def per_iteration(name, looped_fn, looped_args, n_iter, bare_fn, bare_args, repeats, n_bare=1):
-  """[name, bare, looped, ours (= looped: the product runs this loop compiled), ratios] (ms):
-  looped_fn's time / n_iter against n_bare calls of bare_fn."""
-  times = bc.interleaved_times({'bare': (bare_fn, bare_args), 'looped': (looped_fn, looped_args)},
-                               repeats)
-  bare = times['bare'][0] * 1e3 * n_bare
-  looped = times['looped'][0] * 1e3 / n_iter
-  return [name, bare, looped, looped, looped / bare, looped / bare]
+def per_iteration(name, n_iter, looped, bare_parts, repeats, ours=None):
+  """[name, bare, looped, ours, looped/bare, ours/bare] (ms per iteration). looped, ours: (fn,
+  args) of the whole loop (ours defaults to looped: the product runs that loop compiled);
+  bare_parts: [(fn, args, calls per iteration)], what one iteration evaluates, called alone."""
+  calls = {'looped': looped, **({'ours': ours} if ours else {})}
+  calls.update({i: (fn, fn_args) for i, (fn, fn_args, _) in enumerate(bare_parts)})
+  times = {k: v[0] * 1e3 for k, v in bc.interleaved_times(calls, repeats).items()}
+  bare = sum(times[i] * n for i, (_, _, n) in enumerate(bare_parts))
+  looped_ms = times['looped'] / n_iter
+  ours_ms = times.get('ours', times['looped']) / n_iter
+  return [name, bare, looped_ms, ours_ms, looped_ms / bare, ours_ms / bare]
 
 
 def loop_rows(args):
@@ -95,37 +99,44 @@ def loop_rows(args):
     sde, score_fn, config.sampling.snr, config.sampling.n_steps_each)
   pc_step = jax.jit(lambda rng, x, t: predictor.update_fn(
     rng, corrector.update_fn(rng, x, t)[0], t)[0])
-  rows.append(per_iteration('PC sampler (fori_loop)', sampler,
-                            (jax.random.PRNGKey(1), params, states), n, pc_step,
-                            (jax.random.PRNGKey(1), x, t), args.repeats))
+  rows.append(per_iteration('PC sampler (fori_loop), per time step', n,
+                            (sampler, (jax.random.PRNGKey(1), params, states)),
+                            [(pc_step, (jax.random.PRNGKey(1), x, t), 1)], args.repeats))
 
   # ODE likelihood: Dormand-Prince while_loop, per drift-and-divergence evaluation.
   lik = likelihood.get_likelihood_fn(sde, model, lambda v: v, rtol=args.tol, atol=args.tol,
                                      data_is_images=False)
   nfe = int(lik(jax.random.PRNGKey(2), params, states, test)[2])
   drift_div = jax.jit(likelihood.get_drift_div_fn(sde, score_fn))
-  rows.append(per_iteration('ODE likelihood (while_loop), per NFE', lik,
-                            (jax.random.PRNGKey(2), params, states, test), nfe, drift_div,
-                            (x, t, probe), args.repeats))
+  rows.append(per_iteration('ODE likelihood (while_loop), per NFE', nfe,
+                            (lik, (jax.random.PRNGKey(2), params, states, test)),
+                            [(drift_div, (x, t, probe), 1)], args.repeats))
 
   # The bound: a scan over time samples; each is one forward pass (DSM form).
   k = args.bound_times
   bound = bound_likelihood.get_bound_fn(sde, model, None, N=k, offset=False, data_is_images=False)
-  rows.append(per_iteration('bound (scan), per time', bound,
-                            (jax.random.PRNGKey(3), params, states, test), k, forward, (x, t),
-                            args.repeats))
+  rows.append(per_iteration('bound (scan), per time', k,
+                            (bound, (jax.random.PRNGKey(3), params, states, test)),
+                            [(forward, (x, t), 1)], args.repeats))
 
-  # ODE-score diagnostic: a forward (drift) and a backward (drift, div and its gradient) solve.
-  gap = ode_score.get_ode_score_fn(sde, model, nt=4, rtol=args.tol, atol=args.tol)
-  dyn = jax.jit(lambda x_, s_: ode_score.get_score_dynamics_fn(sde, score_fn, [probe])(0.5, (x_, s_)))
-  traj = ode_score.ode_score_gap(jax.random.PRNGKey(4), score_fn, test, sde, nt=4, rtol=args.tol,
-                                 atol=args.tol, return_trajectory=True)
-  nfe_fwd, nfe_bwd = (int(v) for v in traj['nfe'])
-  rows.append(per_iteration('ODE-score diagnostic (while_loop), per NFE', gap,
-                            (jax.random.PRNGKey(4), params, states, test), nfe_fwd + nfe_bwd, dyn,
-                            (x, x), args.repeats, n_bare=nfe_bwd / (nfe_fwd + nfe_bwd)))
-  rows[-1][1] += forward_ms(forward, x, t, args.repeats) * nfe_fwd / (nfe_fwd + nfe_bwd)
-  rows[-1][4] = rows[-1][5] = rows[-1][2] / rows[-1][1]
+  # ODE-score diagnostic: a forward solve (drift) and a backward one (drift, div and its
+  # gradient), compiled whole (accelerators) and as the product runs it here.
+  unrolled = parallel.UNROLLED_BACKENDS
+  parallel.UNROLLED_BACKENDS = ()
+  compiled = ode_score.get_ode_score_fn(sde, model, nt=4, rtol=args.tol, atol=args.tol)
+  parallel.UNROLLED_BACKENDS = unrolled
+  ours = ode_score.get_ode_score_fn(sde, model, nt=4, rtol=args.tol, atol=args.tol)
+  traj = jax.jit(lambda data: ode_score.ode_score_gap(
+    jax.random.PRNGKey(4), score_fn, data, sde, nt=4, rtol=args.tol, atol=args.tol,
+    return_trajectory=True)['nfe'])(test)
+  nfe_fwd, nfe_bwd = (int(v) for v in traj)
+  nfe = nfe_fwd + nfe_bwd
+  dynamics = jax.jit(lambda x_, s_: ode_score.get_score_dynamics_fn(sde, score_fn, [probe])(
+    0.5, (x_, s_)))
+  gap_args = (jax.random.PRNGKey(4), params, states, test)
+  rows.append(per_iteration('ODE-score diagnostic (while_loop), per NFE', nfe, (compiled, gap_args),
+                            [(dynamics, (x, x), nfe_bwd / nfe), (forward, (x, t), nfe_fwd / nfe)],
+                            args.repeats, ours=(ours, gap_args)))
 
   # The dequantizer's training and evaluation steps (they differentiate through the score model).
   dconfig = bc.tiny_config('tiny_ddpmpp', args.batch)
@@ -143,10 +154,6 @@ def loop_rows(args):
     rows.append(step_rows(f'dequantizer {"train" if train else "eval"} step', fn, dstate,
                           {'image': images}, consts, args.repeats, eval_=not train))
   return rows
-
-
-def forward_ms(forward, x, t, repeats):
-  return bc.median_time(forward, x, t, repeats=repeats)[0] * 1e3
 
 
 def main_rows(args):
