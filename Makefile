@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/likelihood.py
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/loops.py
 	$(BIN)/python benchmarks/memory.py timing
 	$(BIN)/python benchmarks/memory.py measure --jobs 2
 	$(BIN)/python benchmarks/memory.py readme --results runs/bench/memory_cifar10.csv \

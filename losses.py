@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import high_order
+import parallel
 from high_order import MAX_EXACT_JACOBIAN_DIM, exact_derivatives, flat  # pylint: disable=unused-import
 from optim import LR_SCHEDULES, get_lr_schedule, get_optimizer  # pylint: disable=unused-import
 from utils import batch_mul
@@ -39,10 +40,6 @@ NONFINITE_MODES = ('stop', 'skip')
 # What the score network saves for the backward pass (jax.checkpoint policies); the rest is
 # recomputed: 'convs' keeps convolution and matmul outputs and recomputes the elementwise work
 # (normalisation, activations and their derivatives); 'nothing' recomputes the whole network.
-# Backends that get the microbatch loop unrolled: XLA:CPU ran the lax.scan of the gradient 8x
-# slower than the same microbatches unrolled (tiny DDPM++; see README, Performance); elsewhere
-# the scan keeps one copy of the step to compile.
-UNROLLED_BACKENDS = ('cpu',)
 REMAT_POLICIES = {
   'none': None,
   'convs': lambda prim, *_, **__: prim.name in ('conv_general_dilated', 'dot_general'),
@@ -248,8 +245,8 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
   """fn(rng, params, states, batch) -> ((loss, (new_state, loss1, loss2, loss3)), grads).
 
   The loss of get_sde_loss_fn and its gradient wrt params (None unless grad), accumulated over
-  options.n_microbatches slices of the batch (see `microbatches`; a lax.scan, unrolled on
-  UNROLLED_BACKENDS): t, z and v are drawn for the whole batch first, so any split gives the
+  options.n_microbatches slices of the batch (see `microbatches`; a lax.scan, unrolled where
+  parallel.loops_unrolled()): t, z and v are drawn for the whole batch first, so any split gives the
   unsplit step's loss and gradient up to float rounding (dropout masks are drawn per
   microbatch). The model state passes from one microbatch to the next. The network runs under
   the options.remat policy.
@@ -292,7 +289,7 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
           jax.random.split(model_rng, n))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params) if grad else None
     carry = (jnp.zeros((), data.dtype), jnp.zeros((3,), data.dtype), zeros, states)
-    if jax.default_backend() in UNROLLED_BACKENDS:
+    if parallel.loops_unrolled():
       for m in range(n):
         carry = body(carry, jax.tree_util.tree_map(lambda a, m=m: a[m], xs))[0]
     else:

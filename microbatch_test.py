@@ -52,7 +52,7 @@ def test_microbatches_give_the_whole_batch_update(order, importance, exact, rema
   """4 microbatches (and a remat policy, which changes memory only) = the whole-batch step; as
   a lax.scan (accelerators) and unrolled (CPU)."""
   if scan:
-    monkeypatch.setattr(losses, 'UNROLLED_BACKENDS', ())
+    monkeypatch.setattr(parallel, 'UNROLLED_BACKENDS', ())
   built = train_lib.build_state(_config(order, importance, exact), jax.random.PRNGKey(0))
   whole, m1 = _train(_config(order, importance, exact), built)
   split, m4 = _train(_config(order, importance, exact, n_micro=4, remat=remat), built)

@@ -1,4 +1,4 @@
-"""The score of the probability-flow ODE's own density against the network score (issue 9).
+"""The score of the probability-flow ODE's own density against the network score.
 
 mle_score_ode (`eval_scorenet.py`) measured how far the ScoreODE's density p_t^ODE is from the
 one the score model s_theta believes in. The ODE dx/dt = h(x, t) = f(x, t) - g(t)^2 / 2 s_theta
@@ -31,6 +31,7 @@ import numpy as np
 
 import likelihood
 import ode_solver
+import parallel
 import utils
 from models import utils as mutils
 
@@ -123,38 +124,48 @@ def ode_score_gap(rng, score_fn, data, sde, nt=DEFAULT_NT, eps=1e-5, rtol=1e-5, 
     unnormalised sums over dimensions). A failed solve gives NaN.
   """
   _check_args(data.shape, nt, eps, sde, hutchinson_type, exact_div)
+  probes, x_T, s_T, ts, nfe_fwd = _start(rng, score_fn, data, sde, nt, eps, rtol, atol,
+                                         hutchinson_type, exact_div, max_steps)
+  (xs, s_odes), nfe_bwd = ode_solver.solve(get_score_dynamics_fn(sde, score_fn, probes),
+                                           (x_T, s_T), sde.T, eps, rtol=rtol, atol=atol,
+                                           max_steps=max_steps, save_ts=ts[::-1])
+  result, scores = jax.lax.map(
+    lambda args: _diagnostics(score_fn, sde, probes, *args), (ts, xs[::-1], s_odes[::-1]))
+  return _finish(result, scores, ts, xs[::-1], s_odes[::-1], nfe_fwd, nfe_bwd, return_trajectory)
+
+
+def _start(rng, score_fn, data, sde, nt, eps, rtol, atol, hutchinson_type, exact_div, max_steps):
+  """(probes, x_T, s_T, ts, nfe): the forward solve from eps to T and the prior's score there."""
   dtype = data.dtype if jnp.issubdtype(data.dtype, jnp.floating) else jnp.float32
   data = jnp.asarray(data, dtype)
-  batch = data.shape[0]
-  dim = int(np.prod(data.shape[1:]))
   _, step_rng = jax.random.split(rng)
   probes = _probes(step_rng, data, hutchinson_type, exact_div)
   drift_fn = get_ode_drift_fn(sde, score_fn)
-
   x_T, nfe_fwd = ode_solver.solve(lambda t, x: drift_fn(x, t), data, eps, sde.T, rtol=rtol,
                                   atol=atol, max_steps=max_steps)
   s_T = jax.grad(lambda z: jnp.sum(sde.prior_logp(z)))(x_T).astype(dtype)
   ts = jnp.linspace(eps, sde.T, nt, dtype=dtype).at[0].set(eps).at[-1].set(sde.T)
-  (xs, s_odes), nfe_bwd = ode_solver.solve(get_score_dynamics_fn(sde, score_fn, probes),
-                                           (x_T, s_T), sde.T, eps, rtol=rtol, atol=atol,
-                                           max_steps=max_steps, save_ts=ts[::-1])
-  xs, s_odes = xs[::-1], s_odes[::-1]
+  return probes, x_T, s_T, ts, nfe_fwd
 
-  def diagnostics(args):
-    t, x, s_ode = args
-    vec_t = jnp.full((batch,), t, dtype)
-    score, div, grad_div = value_div_grad(lambda y: score_fn(y, vec_t), x, probes)
-    g2 = sde.sde(x, vec_t)[1] ** 2
-    std2 = sde.marginal_prob(jnp.zeros_like(x), vec_t)[1] ** 2
-    s_normal = -utils.batch_mul(1. / std2, x)
-    sq = lambda a: utils.batch_sum(jnp.square(a))
-    out = dict(gap=sq(s_ode - score), score_vs_normal=sq(score - s_normal),
-               ode_vs_normal=sq(s_ode - s_normal), div_vs_normal=jnp.square(div + dim / std2),
-               grad_div_vs_normal=sq(grad_div))
-    return {k: jnp.mean(g2 * v) for k, v in out.items()}, score
 
-  result, scores = jax.lax.map(diagnostics, (ts, xs, s_odes))
-  result['ts'] = ts
+def _diagnostics(score_fn, sde, probes, t, x, s_ode):
+  """(DIAGNOSTICS at time t as batch means, s_theta(x, t))."""
+  batch = x.shape[0]
+  dim = int(np.prod(x.shape[1:]))
+  vec_t = jnp.full((batch,), t, x.dtype)
+  score, div, grad_div = value_div_grad(lambda y: score_fn(y, vec_t), x, probes)
+  g2 = sde.sde(x, vec_t)[1] ** 2
+  std2 = sde.marginal_prob(jnp.zeros_like(x), vec_t)[1] ** 2
+  s_normal = -utils.batch_mul(1. / std2, x)
+  sq = lambda a: utils.batch_sum(jnp.square(a))
+  out = dict(gap=sq(s_ode - score), score_vs_normal=sq(score - s_normal),
+             ode_vs_normal=sq(s_ode - s_normal), div_vs_normal=jnp.square(div + dim / std2),
+             grad_div_vs_normal=sq(grad_div))
+  return {k: jnp.mean(g2 * v) for k, v in out.items()}, score
+
+
+def _finish(result, scores, ts, xs, s_odes, nfe_fwd, nfe_bwd, return_trajectory):
+  result = dict(result, ts=ts)
   if return_trajectory:
     result.update(x=xs, s_ode=s_odes, s_model=scores, nfe=jnp.stack([nfe_fwd, nfe_bwd]))
   return result
@@ -163,23 +174,50 @@ def ode_score_gap(rng, score_fn, data, sde, nt=DEFAULT_NT, eps=1e-5, rtol=1e-5, 
 def get_ode_score_fn(sde, model, nt=DEFAULT_NT, eps=1e-5, rtol=1e-5, atol=1e-5,
                      hutchinson_type='Rademacher', exact_div=False, continuous=True,
                      max_steps=4096):
-  """ode_score_fn(rng, params, model_state, data) -> dict of (nt,) arrays (jitted).
+  """ode_score_fn(rng, params, model_state, data) -> dict of (nt,) arrays.
 
   s_theta = models.utils.get_score_fn(sde, model, params, model_state, train=False,
-  continuous=continuous); data are scaled model-space data (B, ...). See ode_score_gap.
+  continuous=continuous); data are scaled model-space data (B, ...). See ode_score_gap. One
+  jitted program, or where parallel.loops_unrolled() (the backward solve and the diagnostics
+  differentiate the network) the backward solve's steps and the nt diagnostics as Python loops
+  over jitted calls (ode_solver.get_host_solver): the same steps and values.
   """
   if not exact_div and str(hutchinson_type).lower() not in ('rademacher', 'gaussian'):
     raise ValueError(f"Unknown Hutchinson noise '{hutchinson_type}': use 'Rademacher' or "
                      "'Gaussian'.")
+  settings = dict(nt=nt, eps=eps, rtol=rtol, atol=atol, hutchinson_type=hutchinson_type,
+                  exact_div=exact_div, max_steps=max_steps)
 
-  @jax.jit
-  def ode_score_fn(rng, params, model_state, data):
-    score_fn = mutils.get_score_fn(sde, model, params, model_state, train=False,
-                                   continuous=continuous)
-    return ode_score_gap(rng, score_fn, data, sde, nt=nt, eps=eps, rtol=rtol, atol=atol,
-                         hutchinson_type=hutchinson_type, exact_div=exact_div,
-                         max_steps=max_steps)
-  return ode_score_fn
+  def score_of(params, model_state):
+    return mutils.get_score_fn(sde, model, params, model_state, train=False,
+                               continuous=continuous)
+
+  if not parallel.loops_unrolled():
+    @jax.jit
+    def ode_score_fn(rng, params, model_state, data):
+      return ode_score_gap(rng, score_of(params, model_state), data, sde, **settings)
+    return ode_score_fn
+
+  start = jax.jit(lambda rng, params, model_state, data: _start(
+    rng, score_of(params, model_state), data, sde, nt, eps, rtol, atol, hutchinson_type,
+    exact_div, max_steps))
+  backward = ode_solver.get_host_solver(
+    lambda t, state, args: get_score_dynamics_fn(sde, score_of(*args[:2]), args[2])(t, state),
+    rtol, atol, max_steps)
+  diagnostics = jax.jit(lambda params, model_state, probes, t, x, s_ode: _diagnostics(
+    score_of(params, model_state), sde, probes, t, x, s_ode))
+  finish = jax.jit(lambda rows, *args: _finish(
+    *jax.tree_util.tree_map(lambda *r: jnp.stack(r), *rows), *args, return_trajectory=False))
+
+  def host_ode_score_fn(rng, params, model_state, data):
+    _check_args(data.shape, nt, eps, sde, hutchinson_type, exact_div)
+    probes, x_T, s_T, ts, nfe_fwd = start(rng, params, model_state, data)
+    (xs, s_odes), nfe_bwd = backward((x_T, s_T), sde.T, eps, (params, model_state, probes),
+                                     save_ts=ts[::-1])
+    xs, s_odes = xs[::-1], s_odes[::-1]
+    rows = [diagnostics(params, model_state, probes, ts[k], xs[k], s_odes[k]) for k in range(nt)]
+    return finish(rows, ts, xs, s_odes, nfe_fwd, nfe_bwd)
+  return host_ode_score_fn
 
 
 def ode_score_kwargs_from_config(config):

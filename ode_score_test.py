@@ -18,6 +18,7 @@ import scipy.integrate
 
 import flax.linen as nn
 import ode_score
+import parallel
 import sde_lib
 from configs import base_config
 
@@ -212,6 +213,23 @@ def test_images_through_model_and_config():
   toy = base_config.get_base_config()
   toy.data.image_size, toy.data.dim = 0, 1
   assert ode_score.ode_score_kwargs_from_config(toy)['exact_div']
+
+
+def test_host_loops_give_the_compiled_results(monkeypatch):
+  """Where loops around a gradient run in Python (parallel.loops_unrolled) the diagnostics are
+  those of the one jitted program."""
+  sde = SDES['vp']()
+  model = TinyNet()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 1))
+  params = model.init(jax.random.PRNGKey(1), x, jnp.ones(2))['params']
+  out = {}
+  for unrolled in (False, True):
+    monkeypatch.setattr(parallel, 'UNROLLED_BACKENDS', ('cpu',) if unrolled else ())
+    fn = ode_score.get_ode_score_fn(sde, model, nt=4, rtol=1e-4, atol=1e-4)
+    out[unrolled] = jax.device_get(fn(jax.random.PRNGKey(2), params, {}, x))
+  assert out[True].keys() == out[False].keys()
+  for k in out[True]:
+    np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, err_msg=k)
 
 
 def test_bad_input():

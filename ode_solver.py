@@ -30,6 +30,9 @@ differentiable (evaluation only).
 API (stable: sampling.py and likelihood.py build on it):
   solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_ts=None,
         full_output=False) -> (y1, nfe)   [or (ys, nfe) with save_ts; (..., info) if full_output]
+  get_host_solver(fn, rtol, atol, max_steps) -> solve_fn(y0, t0, t1, args, save_ts, full_output):
+        the same steps with the step loop in Python (for a gradient of a conv net in fn on a
+        backend where one inside a compiled loop is slow, parallel.loops_unrolled).
 """
 import jax
 import jax.numpy as jnp
@@ -99,7 +102,77 @@ def solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_
     (y1, nfe), or (ys, nfe) with leaves (len(save_ts), ...) when save_ts is given; nfe the
     int32 number of fn evaluations (comparable with scipy's `nfev`); plus info if full_output.
   """
-  func = (lambda t, y: fn(t, y)) if args is None else (lambda t, y: fn(t, y, args))
+  func = _with_args(fn, args is not None)
+  state = _start(func, y0, t0, t1, rtol, atol, _check_save_ts(save_ts), args, unroll=False)
+  state = lax.while_loop(lambda s: s[8] == RUNNING,
+                         lambda s: _advance(func, s, args, max_steps, unroll=False), state)
+  return _result(state, save_ts is not None, full_output)
+
+
+def get_host_solver(fn, rtol=1e-5, atol=1e-5, max_steps=4096):
+  """solve_fn(y0, t0, t1, args, save_ts=None, full_output=False): solve's algorithm and results
+  with its step loop in Python, one jitted step (stages unrolled) per iteration.
+
+  For backends where a gradient inside a compiled loop is slow (parallel.loops_unrolled): fn(t,
+  y, args) may differentiate a conv net. Not traceable; build it once (the jitted start and step
+  are compiled once per fn and shapes) and pass what changes between calls (parameters) in args.
+  """
+  func = _with_args(fn, True)
+  start = jax.jit(lambda y0, t0, t1, save_ts, args: _start(func, y0, t0, t1, rtol, atol, save_ts,
+                                                           args, unroll=True))
+  advance = jax.jit(lambda state, args: _advance(func, state, args, max_steps, unroll=True))
+  result = jax.jit(_result, static_argnums=(1, 2))
+
+  def solve_fn(y0, t0, t1, args, save_ts=None, full_output=False):
+    save_ts = _check_save_ts(save_ts)
+    state = start(y0, t0, t1, None if save_ts is None else jnp.asarray(save_ts), args)
+    while int(state[8].addressable_data(0)) == RUNNING:  # replicated over processes
+      state = advance(state, args)
+    return result(state, save_ts is not None, full_output)
+
+  return solve_fn
+
+
+def _with_args(fn, has_args):
+  return (lambda t, y, args: fn(t, y, args)) if has_args else (lambda t, y, args: fn(t, y))
+
+
+def _check_save_ts(save_ts):
+  """save_ts as given (None, or a host sequence checked to be 1-D and monotonic, or an array)."""
+  if isinstance(save_ts, (np.ndarray, list, tuple, float, int)):
+    ts_np = np.atleast_1d(np.asarray(save_ts, dtype=np.float64))
+    if ts_np.ndim != 1:
+      raise ValueError('solve: save_ts must be a 1-D sequence of times.')
+    d = np.diff(ts_np)
+    if len(d) and not (np.all(d >= 0) or np.all(d <= 0)):
+      raise ValueError('solve: save_ts must be sorted from t0 towards t1.')
+  return save_ts
+
+
+def _fill_saves(problem, idx, saved, t_reached, value_at):
+  """Write value_at(ts[i]) for every pending save time not beyond t_reached."""
+  _, direction, _, _, save_ts = problem
+  n_save = save_ts.shape[0]
+
+  def cond(c):
+    i, _ = c
+    return (i < n_save) & (direction * (save_ts[jnp.minimum(i, n_save - 1)] - t_reached) <= 0)
+
+  def body(c):
+    i, saved = c
+    value = value_at(save_ts[i])
+    saved = _tmap(lambda s, v: lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), i, 0),
+                  saved, value)
+    return i + 1, saved
+
+  if n_save == 0:
+    return idx, saved
+  return lax.while_loop(cond, body, (idx, saved))
+
+
+def _start(func, y0, t0, t1, rtol, atol, save_ts, args, unroll):
+  """The solver state at t0: f(t0), scipy's initial step, the save buffer (NaN until written),
+  and the problem's constants (t1, direction, rtol, atol, save_ts) that every step reads."""
   leaves = jax.tree_util.tree_leaves(y0)
   if not leaves:
     raise ValueError('solve: y0 has no arrays; pass the ODE state as an array or pytree of them.')
@@ -119,7 +192,7 @@ def solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_
     f0, _, h0 = carry
     t_eval = t0 + jnp.where(i == 0, 0., h0 * direction)
     y_eval = _tmap(lambda y, f: y + jnp.where(i == 0, 0., h0 * direction) * f, y0, f0)
-    f = func(t_eval, y_eval)
+    f = func(t_eval, y_eval, args)
     f = _tmap(lambda a: a.astype(dtype), f)
     scale = _tmap(lambda y: atol + jnp.abs(y) * rtol, y0)
     d0 = _rms(_tmap(lambda y, s: y / s, y0, scale))
@@ -132,7 +205,7 @@ def solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_
             jnp.where(first, h0_new, h0))
 
   zeros = _tmap(jnp.zeros_like, y0)
-  f0, f1, h0 = lax.fori_loop(0, 2, init_body, (zeros, zeros, jnp.zeros((), dtype)))
+  f0, f1, h0 = lax.fori_loop(0, 2, init_body, (zeros, zeros, jnp.zeros((), dtype)), unroll=unroll)
   scale0 = _tmap(lambda y: atol + jnp.abs(y) * rtol, y0)
   d1 = _rms(_tmap(lambda a, s: a / s, f0, scale0))
   d2 = _rms(_tmap(lambda a, b, s: (a - b) / s, f1, f0, scale0)) / h0
@@ -142,105 +215,81 @@ def solve(fn, y0, t0, t1, rtol=1e-5, atol=1e-5, args=None, max_steps=4096, save_
 
   # --- dense-output buffer.
   if save_ts is not None:
-    if isinstance(save_ts, (np.ndarray, list, tuple, float, int)):
-      ts_np = np.atleast_1d(np.asarray(save_ts, dtype=np.float64))
-      if ts_np.ndim != 1:
-        raise ValueError('solve: save_ts must be a 1-D sequence of times.')
-      d = np.diff(ts_np)
-      if len(d) and not (np.all(d >= 0) or np.all(d <= 0)):
-        raise ValueError('solve: save_ts must be sorted from t0 towards t1.')
     save_ts = jnp.atleast_1d(jnp.asarray(save_ts, dtype))
-    n_save = save_ts.shape[0]
-    saved = _tmap(lambda y: jnp.full((n_save,) + y.shape, jnp.nan, y.dtype), y0)
+    saved = _tmap(lambda y: jnp.full((save_ts.shape[0],) + y.shape, jnp.nan, y.dtype), y0)
   else:
     save_ts = jnp.zeros((0,), dtype)
-    n_save = 0
     saved = ()
+  problem = (t1, direction, rtol, atol, save_ts)
+  save_idx, saved = _fill_saves(problem, jnp.int32(0), saved, t0, lambda _: y0)
+  return (t0, y0, f0, h_abs, jnp.bool_(False), jnp.int32(2), jnp.int32(0), jnp.int32(0),
+          jnp.where(interval == 0, SUCCESS, RUNNING).astype(jnp.int32), save_idx, saved, problem)
 
-  def fill_saves(idx, saved, t_reached, value_at):
-    """Write value_at(ts[i]) for every pending save time not beyond t_reached."""
-    def cond(c):
-      i, _ = c
-      return (i < n_save) & (direction * (save_ts[jnp.minimum(i, n_save - 1)] - t_reached) <= 0)
 
-    def body(c):
-      i, saved = c
-      value = value_at(save_ts[i])
-      saved = _tmap(lambda s, v: lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), i, 0),
-                    saved, value)
-      return i + 1, saved
+def _advance(func, state, args, max_steps, unroll):
+  """One attempted Dormand-Prince step (accepted or rejected) of a running solve."""
+  t, y, f, h_abs, rejected, nfe, n_acc, n_rej, status, save_idx, saved, problem = state
+  t1, direction, rtol, atol, _ = problem
+  dtype = t.dtype
+  # scipy: at the start of a step (no rejection yet) raise h to the minimum step.
+  min_step = 10 * jnp.abs(jnp.nextafter(t, t + direction) - t)
+  h_abs = jnp.where(rejected, h_abs, jnp.maximum(h_abs, min_step))
+  too_small = h_abs < min_step
+  t_new = t + h_abs * direction
+  t_new = jnp.where(direction * (t_new - t1) > 0, t1, t_new)
+  h = t_new - t
+  h_abs = jnp.abs(h)
 
-    if n_save == 0:
-      return idx, saved
-    return lax.while_loop(cond, body, (idx, saved))
+  ks = _tmap(lambda a: jnp.zeros((7,) + a.shape, a.dtype).at[0].set(a), f)
+  a_rows = jnp.asarray(_A, dtype)
+  c_vec = jnp.asarray(_C, dtype)
 
-  save_idx, saved = fill_saves(jnp.int32(0), saved, t0, lambda _: y0)
+  def stage(i, ks):
+    yi = _combine(y, h, a_rows[i], ks)
+    ki = func(t + c_vec[i] * h, yi, args)
+    return _tmap(lambda k, v: k.at[i].set(v.astype(k.dtype)), ks, ki)
 
-  c_np, a_np, e_np, p_np = (np.asarray(v, np.float64) for v in (_C, _A, _E, _P))
+  ks = lax.fori_loop(1, 7, stage, ks, unroll=unroll)
+  y_new = _combine(y, h, a_rows[6], ks)
+  f_new = _tmap(lambda k: k[6], ks)
+  err = _tmap(lambda k: h * jnp.tensordot(jnp.asarray(_E, k.dtype), k, axes=1), ks)
+  scale = _tmap(lambda a, b: atol + jnp.maximum(jnp.abs(a), jnp.abs(b)) * rtol, y, y_new)
+  err_norm = _rms(_tmap(lambda e, s: e / s, err, scale))
 
-  def step_body(state):
-    t, y, f, h_abs, rejected, nfe, n_acc, n_rej, status, save_idx, saved = state
-    # scipy: at the start of a step (no rejection yet) raise h to the minimum step.
-    min_step = 10 * jnp.abs(jnp.nextafter(t, t + direction) - t)
-    h_abs = jnp.where(rejected, h_abs, jnp.maximum(h_abs, min_step))
-    too_small = h_abs < min_step
-    t_new = t + h_abs * direction
-    t_new = jnp.where(direction * (t_new - t1) > 0, t1, t_new)
-    h = t_new - t
-    h_abs = jnp.abs(h)
+  ok = jnp.isfinite(err_norm)
+  accept = ok & (err_norm < 1) & ~too_small
+  growth = _SAFETY * jnp.where(ok & (err_norm > 0), err_norm, 1.) ** _ERROR_EXPONENT
+  factor_acc = jnp.where(err_norm == 0, _MAX_FACTOR, jnp.minimum(_MAX_FACTOR, growth))
+  factor_acc = jnp.where(rejected, jnp.minimum(1., factor_acc), factor_acc)
+  factor_rej = jnp.where(ok, jnp.maximum(_MIN_FACTOR, growth), _MIN_FACTOR)
+  h_next = h_abs * jnp.where(accept, factor_acc, factor_rej)
 
-    ks = _tmap(lambda a: jnp.zeros((7,) + a.shape, a.dtype).at[0].set(a), f)
-    a_rows = jnp.asarray(a_np, dtype)
-    c_vec = jnp.asarray(c_np, dtype)
+  def interp(ts):
+    x = (ts - t) / h
+    weights = jnp.asarray(_P, dtype) @ (x ** jnp.arange(1, 5, dtype=dtype))
+    return _combine(y, h, weights, ks)
 
-    def stage(i, ks):
-      yi = _combine(y, h, a_rows[i], ks)
-      ki = func(t + c_vec[i] * h, yi)
-      return _tmap(lambda k, v: k.at[i].set(v.astype(k.dtype)), ks, ki)
+  # Save points inside the accepted step (t, t_new] come from the dense output.
+  t_reached = jnp.where(accept, t_new, t)
+  save_idx, saved = _fill_saves(problem, save_idx, saved, t_reached, interp)
 
-    ks = lax.fori_loop(1, 7, stage, ks)
-    y_new = _combine(y, h, a_rows[6], ks)
-    f_new = _tmap(lambda k: k[6], ks)
-    err = _tmap(lambda k: h * jnp.tensordot(jnp.asarray(e_np, k.dtype), k, axes=1), ks)
-    scale = _tmap(lambda a, b: atol + jnp.maximum(jnp.abs(a), jnp.abs(b)) * rtol, y, y_new)
-    err_norm = _rms(_tmap(lambda e, s: e / s, err, scale))
+  done = accept & (direction * (t_new - t1) >= 0)
+  n_steps = n_acc + n_rej + 1
+  status = jnp.where(too_small, STEP_TOO_SMALL,
+                     jnp.where(done, SUCCESS,
+                               jnp.where(n_steps >= max_steps, MAX_STEPS_REACHED, RUNNING)))
+  keep = lambda new, old: _tmap(lambda a, b: jnp.where(accept, a, b), new, old)
+  return (jnp.where(accept, t_new, t), keep(y_new, y), keep(f_new, f), h_next, ~accept,
+          nfe + jnp.where(too_small, 0, 6), n_acc + accept, n_rej + (~accept & ~too_small),
+          status.astype(jnp.int32), save_idx, saved, problem)
 
-    ok = jnp.isfinite(err_norm)
-    accept = ok & (err_norm < 1) & ~too_small
-    growth = _SAFETY * jnp.where(ok & (err_norm > 0), err_norm, 1.) ** _ERROR_EXPONENT
-    factor_acc = jnp.where(err_norm == 0, _MAX_FACTOR, jnp.minimum(_MAX_FACTOR, growth))
-    factor_acc = jnp.where(rejected, jnp.minimum(1., factor_acc), factor_acc)
-    factor_rej = jnp.where(ok, jnp.maximum(_MIN_FACTOR, growth), _MIN_FACTOR)
-    h_next = h_abs * jnp.where(accept, factor_acc, factor_rej)
 
-    def interp(ts):
-      x = (ts - t) / h
-      weights = jnp.asarray(p_np, dtype) @ (x ** jnp.arange(1, 5, dtype=dtype))
-      return _combine(y, h, weights, ks)
-
-    # Save points inside the accepted step (t, t_new] come from the dense output.
-    t_reached = jnp.where(accept, t_new, t)
-    save_idx, saved = fill_saves(save_idx, saved, t_reached, interp)
-
-    done = accept & (direction * (t_new - t1) >= 0)
-    n_steps = n_acc + n_rej + 1
-    status = jnp.where(too_small, STEP_TOO_SMALL,
-                       jnp.where(done, SUCCESS,
-                                 jnp.where(n_steps >= max_steps, MAX_STEPS_REACHED, RUNNING)))
-    keep = lambda new, old: _tmap(lambda a, b: jnp.where(accept, a, b), new, old)
-    return (jnp.where(accept, t_new, t), keep(y_new, y), keep(f_new, f), h_next, ~accept,
-            nfe + jnp.where(too_small, 0, 6), n_acc + accept, n_rej + (~accept & ~too_small),
-            status.astype(jnp.int32), save_idx, saved)
-
-  state = (t0, y0, f0, h_abs, jnp.bool_(False), jnp.int32(2), jnp.int32(0), jnp.int32(0),
-           jnp.where(interval == 0, SUCCESS, RUNNING).astype(jnp.int32), save_idx, saved)
-  state = lax.while_loop(lambda s: s[8] == RUNNING, step_body, state)
-  t, y, _, _, _, nfe, n_acc, n_rej, status, save_idx, saved = state
-
+def _result(state, with_saves, full_output):
+  """(y1 or the saved states, nfe[, info]), NaN where the solve failed."""
+  t, y, _, _, _, nfe, n_acc, n_rej, status, _, saved, _ = state
   failed = status != SUCCESS
   nan_if_failed = lambda tree: _tmap(lambda a: jnp.where(failed, jnp.nan, a), tree)
-  out = nan_if_failed(saved if n_save else y)  # save times never reached stay NaN
+  out = nan_if_failed(saved if with_saves else y)  # save times never reached stay NaN
   if full_output:
     return out, nfe, dict(status=status, t=t, n_accepted=n_acc, n_rejected=n_rej)
   return out, nfe
-

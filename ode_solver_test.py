@@ -130,3 +130,20 @@ def test_bad_input():
     ode_solver.solve(lambda t, y: y, jnp.ones(3, jnp.int32), 0., 1.)
   with pytest.raises(ValueError, match='sorted'):
     ode_solver.solve(linear_fn, jnp.ones((1, 3)), 0., 1., save_ts=[0., 0.5, 0.2])
+
+
+def test_host_solver_takes_the_same_steps():
+  """get_host_solver (the step loop in Python) = solve (one while_loop): steps, NFE, values."""
+  fn = lambda t, y, a: y @ jnp.asarray(M, y.dtype).T * a
+  y0 = jnp.asarray(Y0, jnp.float32)
+  ts = [3., 2., 1.5, 0.25]
+  traced = jax.jit(lambda y0, a: ode_solver.solve(fn, y0, 3., 0.25, 1e-5, 1e-5, args=a,
+                                                  save_ts=ts, full_output=True))(y0, 0.7)
+  host = ode_solver.get_host_solver(fn, 1e-5, 1e-5)(y0, 3., 0.25, 0.7, save_ts=ts,
+                                                    full_output=True)
+  np.testing.assert_allclose(host[0], traced[0], rtol=1e-6, atol=1e-6)
+  assert int(host[1]) == int(traced[1])
+  for k in ('status', 'n_accepted', 'n_rejected'):
+    assert int(host[2][k]) == int(traced[2][k]), k
+  expected = np.stack([exact(3. + 0.7 * (t - 3.), 3.) for t in ts])  # y' = 0.7 M y
+  np.testing.assert_allclose(host[0], expected, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """Data parallelism over every device of every process: a 1-D mesh 'data', states replicated,
 batches sharded along their batch axis, and the jitted multi-step functions of the loops."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -55,31 +56,75 @@ def host_batch(ds_iter, scaler):
   return {'image': np.asarray(scaler(to_numpy(next(ds_iter)['image'])), np.float32)}
 
 
-def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0):
-  """jit(lax.scan(step_fn)) over a [n_jitted_steps, batch, ...] batch: multi_step(state, batch,
-  *consts) -> (new_state, metrics stacked over the scanned steps), with step_fn(state, batch,
-  *consts); state and the n_consts constants (e.g. a frozen model's params) replicated, batch
-  sharded along its batch axis."""
+# Backends that run the loops around a gradient outside the compiled program. XLA:CPU gives the
+# transposed convolutions of a loop body (lax.scan, while_loop) a kernel layout its fast (Eigen)
+# convolution does not take: the tiny DDPM++ train step ran 10-17x slower inside a one-step scan
+# than bare (benchmarks/loops.py). There the steps of one call run as a Python loop over one
+# jitted step, and the microbatches of a step are unrolled in it; elsewhere a lax.scan keeps one
+# copy of the step to compile.
+UNROLLED_BACKENDS = ('cpu',)
+
+
+def loops_unrolled():
+  """True where loops around a gradient run outside the compiled program (UNROLLED_BACKENDS)."""
+  return jax.default_backend() in UNROLLED_BACKENDS
+
+
+def _over_steps(step_fn, mesh, n_consts, donate, start=None):
+  """fn(state, batch, *consts) -> (state, metrics stacked over the steps): step_fn(state, row,
+  *consts) on each row of the [n_jitted_steps, batch, ...] batch in turn, after start(state).
+
+  One jitted lax.scan, or, where loops_unrolled(), a Python loop over one jitted step that takes
+  the row index as an argument (one compilation whatever n_jitted_steps)."""
   repl = replicated(mesh)
+  consts = (repl,) * n_consts
+  donated = (0,) if donate else ()
+  if not loops_unrolled():
+    def scanned(state, batch, *args):
+      state = state if start is None else start(state)
+      return jax.lax.scan(lambda s, b: step_fn(s, b, *args), state, batch)
+    return jax.jit(scanned, in_shardings=(repl, batch_sharding(mesh)) + consts,
+                   out_shardings=(repl, repl), donate_argnums=donated)
 
-  def multi_step(state, batch, *consts):
-    return jax.lax.scan(lambda s, b: step_fn(s, b, *consts), state, batch)
+  def row_step(state, batch, i, *args):
+    row = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+                                 batch)
+    state, metrics = step_fn(state, row, *args)
+    return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
 
-  return jax.jit(multi_step, in_shardings=(repl, batch_sharding(mesh)) + (repl,) * n_consts,
-                 out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
+  row_step = jax.jit(row_step, in_shardings=(repl, batch_sharding(mesh), repl) + consts,
+                     out_shardings=(repl, repl), donate_argnums=donated)
+  start = start and jax.jit(start, in_shardings=repl, out_shardings=repl)
+  stack = jax.jit(lambda rows: jax.tree_util.tree_map(lambda *m: jnp.concatenate(m), *rows),
+                  out_shardings=repl)
+
+  def looped(state, batch, *args):
+    if start is not None:
+      state = start(state)
+    rows = []
+    for i in range(jax.tree_util.tree_leaves(batch)[0].shape[0]):
+      state, metrics = row_step(state, batch, np.int32(i), *args)
+      rows.append(metrics)
+    return state, rows[0] if len(rows) == 1 else stack(rows)
+
+  return looped
+
+
+def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0):
+  """multi_step(state, batch, *consts) -> (new_state, metrics stacked over the steps): the
+  n_jitted_steps rows of a [n_jitted_steps, batch, ...] batch, one training step each, with
+  step_fn(state, batch, *consts); state and the n_consts constants (e.g. a frozen model's
+  params) replicated, batch sharded along its batch axis. A jitted lax.scan, or a Python loop
+  over the jitted step where loops_unrolled()."""
+  return _over_steps(step_fn, mesh, n_consts, donate)
 
 
 def get_multi_eval_fn(eval_step_fn, mesh, n_consts=0):
   """Like get_multi_step_fn for evaluation: metrics only, the state untouched (its rng is
   folded so eval noise differs from the next training step's)."""
-  repl = replicated(mesh)
-
-  def multi_eval(state, batch, *consts):
-    state = state.replace(rng=jax.random.fold_in(state.rng, 0x5eed))
-    return jax.lax.scan(lambda s, b: eval_step_fn(s, b, *consts), state, batch)[1]
-
-  return jax.jit(multi_eval, in_shardings=(repl, batch_sharding(mesh)) + (repl,) * n_consts,
-                 out_shardings=repl)
+  fn = _over_steps(eval_step_fn, mesh, n_consts, donate=False,
+                   start=lambda state: state.replace(rng=jax.random.fold_in(state.rng, 0x5eed)))
+  return lambda state, batch, *consts: fn(state, batch, *consts)[1]
 
 
 def host(x):

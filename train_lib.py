@@ -167,11 +167,14 @@ def run_loop(config, loop, state, ckpt_dir, meta_dir):
   progress = tqdm.tqdm(total=loop.n_iters, initial=initial_step, desc=loop.progress_desc,
                        unit='step', position=loop.progress_position, dynamic_ncols=True,
                        disable=not is_main or not t.get('progress_bar', True), leave=False)
-  tic = time.time()
+  timed = [0, 0.]  # steps and seconds in train calls since the last log line
   try:
     while step < loop.n_iters:
+      tic = time.perf_counter()
       state, metrics = loop.train_step(state, next(loop.train_batches))
-      bad = _first_nonfinite(metrics)
+      bad = _first_nonfinite(metrics)  # waits for the step
+      if step > initial_step:  # the first call compiles
+        timed = [timed[0] + n_jit, timed[1] + time.perf_counter() - tic]
       if bad is not None and t.nonfinite == 'stop':
         values = {k: float(np.atleast_1d(checkpoints.to_host(v))[bad]) for k, v in metrics.items()
                   if k != 'finite'}
@@ -185,13 +188,12 @@ def run_loop(config, loop, state, ckpt_dir, meta_dir):
       if step % t.log_freq == 0 or step == initial_step + n_jit:
         m = _mean_metrics(metrics)
         if is_main:
-          rate = (step - initial_step) / max(time.time() - tic, 1e-9)
-          extra = ''
+          extra = f', {timed[0] / timed[1]:.2f} steps/s' if timed[1] else ', compiled the step'
           if t.nonfinite == 'skip' and hasattr(state, 'nonfinite_count'):
-            extra = f', skipped non-finite steps: {int(checkpoints.to_host(state.nonfinite_count))}'
-          logging.info('step: %d, %s (%.2f steps/s%s)', step, _fmt_metrics(m, 'training_'), rate,
-                       extra)
+            extra += f', skipped non-finite steps: {int(checkpoints.to_host(state.nonfinite_count))}'
+          logging.info('step: %d, %s (%s)', step, _fmt_metrics(m, 'training_'), extra[2:])
           writer.scalars(m, step, 'training')
+        timed = [0, 0.]
       if step % t.snapshot_freq_for_preemption == 0:
         meta_dir.save(step // t.snapshot_freq_for_preemption, state)
       if step % t.eval_freq == 0:

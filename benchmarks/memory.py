@@ -14,7 +14,7 @@ optimisations off (FAST_COMPILE: buffer assignment, hence the peak, is decided b
 same bytes either way, 15% less compile time for order 1). Rows are appended to --csv as they
 finish, so an interrupted run continues where it stopped.
 timing: median step time of each setting on the tiny DDPM++ (batch 16) on this machine (on a CPU
-the microbatches unrolled, losses.UNROLLED_BACKENDS), as a ratio to the plain step of the same
+the microbatches unrolled, parallel.UNROLLED_BACKENDS), as a ratio to the plain step of the same
 order, timed round-robin with it.
 recommend: for each order and device memory, the fastest measured setting whose peak leaves 10%
 headroom (--results, default the committed table of the README's run).
@@ -33,6 +33,7 @@ import bench_common as bc  # also puts the repo root on sys.path
 import jax
 
 import losses
+import parallel
 import readme_sections
 import sde_lib
 import train_lib
@@ -265,7 +266,7 @@ def main():
   args.remats = args.remats.split(',')
   args.remat_at = [int(n) for n in args.remat_at.split(',')]
   if args.what == 'row':  # one setting, in the child process of measure_in_child
-    losses.UNROLLED_BACKENDS = ()  # the program accelerators run (a lax.scan of microbatches)
+    parallel.UNROLLED_BACKENDS = ()  # the program accelerators run (a lax.scan of microbatches)
     print(json.dumps(measure(args.configs, args.batch, args.orders[0], args.microbatches[0],
                              args.remats[0])))
     return
