@@ -4,7 +4,6 @@ truncated-normal dequantizer's density (scipy.stats.truncnorm), and every estima
 model staying above the entropy."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
@@ -12,7 +11,6 @@ import scipy.stats
 import config_checks
 import eval_parts
 import layout
-import likelihood
 import patterns_data
 import sde_lib
 from configs.tiny.patterns_ddpmpp import get_config
@@ -93,7 +91,7 @@ def test_dequantizer_names_and_bad_values_refused_in_one_line():
   config.data.num_bits = 9
   with pytest.raises(ValueError, match='num_bits'):
     config_checks.validate_config(config, 'eval')
-  from configs.toy.common import get_toy_config  # pylint: disable=import-outside-toplevel
+  from configs.toy.common import get_toy_config
   toy = get_toy_config('MOG1D', 1)
   toy.eval.num_deq_samples = 2
   with pytest.raises(ValueError, match='toy data'):
@@ -101,8 +99,8 @@ def test_dequantizer_names_and_bad_values_refused_in_one_line():
 
 
 def test_cli_takes_names_and_old_booleans(monkeypatch):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from ml_collections import config_flags
   for arg, want in (('truncated_normal', 'truncated_normal'), ('True', True), ('flowpp', 'flowpp')):
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file('config', None, flag_values=fv)
@@ -114,11 +112,11 @@ def test_cli_takes_names_and_old_booleans(monkeypatch):
 
 
 def test_settings_of_old_eval_folders_unchanged():
-  settings = eval_parts._result_settings(get_config())  # pylint: disable=protected-access
+  settings = eval_parts._result_settings(get_config())
   assert settings['eval']['dequantizer'] is False and 'num_deq_samples' not in settings['eval']
   config = get_config()
   config.eval.num_deq_samples = 4
-  assert eval_parts._result_settings(config)['eval']['num_deq_samples'] == 4  # pylint: disable=protected-access
+  assert eval_parts._result_settings(config)['eval']['num_deq_samples'] == 4
 
 
 def test_repeat_reports_by_hand():
@@ -140,9 +138,9 @@ def test_every_estimator_of_a_tiny_model_is_above_the_entropy():
   """An untrained tiny DDPM++ on 2-bit PATTERNS: ODE and bound, uniform / Flow++ (at init) /
   truncated normal, K = 1 and 2: every bits/dim above the exact entropy; run_part with one draw
   is the part's own output, and the K = 2 estimate is below the mean of its two draws."""
-  import datasets  # pylint: disable=import-outside-toplevel
-  import deq_lib  # pylint: disable=import-outside-toplevel
-  import train_lib  # pylint: disable=import-outside-toplevel
+  import datasets
+  import deq_lib
+  import train_lib
   config = get_config()
   config.data.num_bits = 2
   config.model.nf = 8

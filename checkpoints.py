@@ -28,7 +28,6 @@ import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 
-import layout
 
 PREFIX = 'checkpoint'
 _NAME_RE = re.compile(r'^' + PREFIX + r'_(\d+)$')
@@ -39,21 +38,22 @@ FORMAT = 'mle_score_ode_jax/1'
 # pytree <-> plain nested dict of arrays
 # ------------------------------------------------------------------------------------------------
 
-def _is_key(x):
+def is_key(x):
+  """Whether x is a typed PRNG key array (stored as its raw key data)."""
   return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def to_tree(state):
   """The state as a nested dict of arrays (typed PRNG keys stored as their raw key data)."""
   tree = flax.serialization.to_state_dict(state)
-  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
 def from_tree(target, tree):
   """Inverse of to_tree: restore `tree` (a nested dict) into the structure of `target`."""
   target_tree = flax.serialization.to_state_dict(target)
   tree = jax.tree_util.tree_map(
-    lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+    lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if is_key(t) else x,
     target_tree, tree)
   return flax.serialization.from_state_dict(target, tree)
 
@@ -185,7 +185,7 @@ def restore_latest(ckpt_dirs, target):
     for n in d.numbers():
       try:
         step = d.training_step(n)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.error('Checkpoint %s is unreadable (%s: %s); falling back to the previous one.',
                       d.path(n), type(e).__name__, short(e))
         damaged.append(d.path(n))
@@ -195,7 +195,7 @@ def restore_latest(ckpt_dirs, target):
   for step, _, n, d in candidates:
     try:
       state = d.restore(n, target)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.error('Checkpoint %s is corrupted or truncated (%s: %s); falling back to the '
                     'previous one.', d.path(n), type(e).__name__, short(e))
       damaged.append(d.path(n))

@@ -15,7 +15,7 @@ UNET_MODELS = ('ncsnpp', 'ddpm', 'ddpmpp')
 def check_sampler_names(config):
   """ValueError (one line) for an unknown sampler, predictor or corrector name in config.sampling.
   Unsupported combinations fail where the sampler is built, before any model or data."""
-  import sampling  # pylint: disable=import-outside-toplevel
+  import sampling
   s = config.sampling
   if str(s.method).lower() not in sampling.SAMPLER_NAMES:
     raise ValueError(f"Unknown sampler '{s.method}': set config.sampling.method to one of "
@@ -30,7 +30,7 @@ def check_tfds_available(config):
   """ValueError naming `tfds build` / --config.data.tfds_dir (and manual_dir where the dataset
   needs it) when a TFDS dataset is not prepared offline; imports TensorFlow (seconds) only for
   TFDS datasets, which need it anyway."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging
   name = config.data.dataset
   if name not in layout.TFDS_DATASETS or (
       name == 'ImageNet' and config.data.get('path', '')):
@@ -41,16 +41,16 @@ def check_tfds_available(config):
     try:
       with open(os.devnull, 'w') as null:
         os.dup2(null.fileno(), 2)
-        import datasets  # pylint: disable=import-outside-toplevel,unused-import
+        import datasets
     finally:
       os.dup2(err, 2)
       os.close(err)
-  import datasets  # pylint: disable=import-outside-toplevel
-  tfds_name = datasets._tfds_route(config)[0]  # pylint: disable=protected-access
+  import datasets
+  tfds_name = datasets.tfds_route(config)[0]
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about the empty folders it probes
   try:
-    datasets._tfds_builder(tfds_name, config)  # pylint: disable=protected-access
+    datasets.tfds_builder(tfds_name, config)
   finally:
     absl_logging.set_verbosity(verbosity)
 
@@ -58,7 +58,7 @@ def check_tfds_available(config):
 def validate_config(config, mode='train', workdir=None):
   """Raise ValueError / FileNotFoundError (one line: problem and fix) for a config that cannot
   run. Cheap: builds no model, reads no data; needs the JAX backend only for the device count."""
-  import sde_lib  # pylint: disable=import-outside-toplevel
+  import sde_lib
   if mode not in MODES:
     raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(MODES)}.")
   if workdir is not None:
@@ -85,7 +85,7 @@ def validate_config(config, mode='train', workdir=None):
   if config.optim.optimizer != 'Adam':
     raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
                      "set --config.optim.optimizer=Adam.")
-  import optim  # pylint: disable=import-outside-toplevel
+  import optim
   if config.optim.get('schedule', 'constant') not in optim.LR_SCHEDULES:
     raise ValueError(f"optim.schedule is '{config.optim.schedule}': set "
                      f"--config.optim.schedule to one of {', '.join(optim.LR_SCHEDULES)}.")
@@ -118,12 +118,12 @@ def validate_config(config, mode='train', workdir=None):
       raise ValueError(f'training.n_microbatches={n_micro!r} does not divide the per-device batch '
                        f'{b // n_dev} ({name}={b} over {n_dev} devices): set it to a divisor of '
                        f'{b // n_dev}.')
-  import losses  # pylint: disable=import-outside-toplevel
+  import losses
   if t.get('remat', 'none') not in losses.REMAT_POLICIES:
     raise ValueError(f"training.remat is '{t.remat}': set --config.training.remat to one of "
                      f"{', '.join(losses.REMAT_POLICIES)}.")
 
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  from models import utils as mutils
   name = config.model.name
   mutils.get_model(name)  # unknown model -> ValueError
   if name in UNET_MODELS and 'ch_mult' in config.model:
@@ -150,7 +150,7 @@ def validate_config(config, mode='train', workdir=None):
                             '--config.data.path to the .npz file of the NPZ dataset.')
 
   if mode == 'train' and t.restore_from:
-    import restore_from  # pylint: disable=import-outside-toplevel
+    import restore_from
     restore_from.check_readable(t.restore_from)
   if mode == 'eval':
     validate_eval(config, workdir)

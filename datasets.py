@@ -23,13 +23,12 @@ import numpy as np
 
 import utils
 from patterns_data import pattern_arrays
-from toy_data import sample_toy, toy_dim, toy_log_prob, toy_true_nll  # pylint: disable=unused-import
-from layout import (KNOWN_DATASETS, LOCAL_DATASETS, TFDS_DATASETS,  # pylint: disable=unused-import
-                    TOY_DATASETS, is_toy)
+from toy_data import sample_toy, toy_dim
+from layout import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 
 tf = utils.import_tensorflow()
 with utils.quiet_native_stderr():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
+  import tensorflow_datasets as tfds
 
 SHUFFLE_BUFFER_SIZE = 10000
 # Samples per host in a toy evaluation pass (toy.py scored 5000 fresh samples per repeat).
@@ -156,7 +155,7 @@ def _in_memory_source(images, labels, shuffle):
 
 def _digits_arrays(config):
   """scikit-learn's 8x8 digits as uint8 NHWC (train = first 80%, test = last 20%)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits
   digits = load_digits()
   images = np.round(digits.images / 16. * 255.).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
@@ -176,7 +175,7 @@ def _npz_arrays(config):
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise ValueError(f'Cannot read NPZ dataset {path!r} ({type(e).__name__}: {e}); set '
                      '--config.data.path to a numpy .npz file.') from None
   image_keys = [k for k in arrays if not k.endswith('labels')]
@@ -298,7 +297,7 @@ def _imagenet_local_source(config, split, shuffle):
 # ------------------------------------------------------------------------------------------------
 # TFDS.
 
-def _tfds_builder(name, config):
+def tfds_builder(name, config):
   """A TFDS builder for an already prepared dataset; ValueError naming the fix otherwise."""
   data_dir = config.data.get('tfds_dir', '') or None
   builder = tfds.builder(name, data_dir=data_dir)
@@ -318,7 +317,7 @@ def _tfds_builder(name, config):
   return builder
 
 
-def _tfds_route(config):
+def tfds_route(config):
   """(tfds name, train split, eval split, resize_op) for the TFDS image datasets."""
   name = config.data.dataset
   size = config.data.image_size
@@ -426,15 +425,15 @@ def get_dataset(config, additional_dim=None, uniform_dequantization=False, evalu
     def resize_op(img):
       return tf.image.convert_image_dtype(img, tf.float32)
   elif name == 'ImageNet' and config.data.get('path', ''):
-    _tfds_route(config)  # validates image_size
+    tfds_route(config)  # validates image_size
     train_split, eval_split = 'train', 'validation'
     source = lambda split, shuffle: _imagenet_local_source(config, split, shuffle)
 
     def resize_op(img):
       return tf.image.convert_image_dtype(img, tf.float32)
   else:
-    tfds_name, train_split, eval_split, resize_op = _tfds_route(config)
-    dataset_builder = _tfds_builder(tfds_name, config)
+    tfds_name, train_split, eval_split, resize_op = tfds_route(config)
+    dataset_builder = tfds_builder(tfds_name, config)
 
     def source(split, shuffle):
       options = tf.data.Options()

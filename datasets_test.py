@@ -8,7 +8,7 @@ import tensorflow as tf
 
 tf.config.set_visible_devices([], 'GPU')
 
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 import pytest
 import scipy.stats
@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from configs.base_config import get_base_config
 from configs.toy.common import get_toy_config
 import datasets
+import toy_data
 
 
 def image_config(dataset='CIFAR10', size=8, channels=3, batch=4, eval_batch=4, **data):
@@ -33,7 +34,7 @@ def image_config(dataset='CIFAR10', size=8, channels=3, batch=4, eval_batch=4, *
 
 
 def toy_config(name, batch=500):
-  config = get_toy_config(name, datasets.toy_dim(name))
+  config = get_toy_config(name, toy_data.toy_dim(name))
   config.training.batch_size = batch
   config.eval.batch_size = batch
   return config
@@ -53,34 +54,34 @@ def mog_cdf(x):
 
 
 def test_mog1d_samples_match_exact_cdf():
-  x = datasets.sample_toy('MOG1D', 0, 20000)
+  x = toy_data.sample_toy('MOG1D', 0, 20000)
   assert x.shape == (20000, 1) and x.dtype == np.float32
   assert scipy.stats.kstest(x[:, 0], mog_cdf).pvalue > 1e-3
   # Odd sizes still come out right (stratified counts plus a random remainder).
-  assert datasets.sample_toy('MOG1D', 1, 7).shape == (7, 1)
+  assert toy_data.sample_toy('MOG1D', 1, 7).shape == (7, 1)
 
 
 def test_mog1d_log_prob_is_the_exact_density():
   xs = np.linspace(-1.5, 2.5, 41)
   h = 1e-5
   numeric_pdf = (mog_cdf(xs + h) - mog_cdf(xs - h)) / (2 * h)
-  np.testing.assert_allclose(np.exp(datasets.toy_log_prob('MOG1D', xs[:, None])), numeric_pdf,
+  np.testing.assert_allclose(np.exp(toy_data.toy_log_prob('MOG1D', xs[:, None])), numeric_pdf,
                              rtol=1e-4, atol=1e-6)
 
 
 def test_mog1d_true_nll_matches_monte_carlo():
-  nll = datasets.toy_true_nll('MOG1D')
-  x = datasets.sample_toy('MOG1D', 2, 200000)
-  neg_logp = -datasets.toy_log_prob('MOG1D', x)
+  nll = toy_data.toy_true_nll('MOG1D')
+  x = toy_data.sample_toy('MOG1D', 2, 200000)
+  neg_logp = -toy_data.toy_log_prob('MOG1D', x)
   stderr = neg_logp.std() / np.sqrt(len(neg_logp))
   assert abs(neg_logp.mean() - nll) < 4 * stderr
   assert np.isclose(nll, -0.128854, atol=1e-5)
 
 
 def test_checkerboard_squares_equal_mass_and_density():
-  x = datasets.sample_toy('CHECKERBOARD', 3, 32000)
+  x = toy_data.sample_toy('CHECKERBOARD', 3, 32000)
   assert x.shape == (32000, 2)
-  logp = datasets.toy_log_prob('CHECKERBOARD', x)
+  logp = toy_data.toy_log_prob('CHECKERBOARD', x)
   np.testing.assert_allclose(logp, -np.log(32.))  # every point is in one of the 8 squares
   cells = np.floor(x / 2.).astype(int) + 2  # 4x4 grid of 2x2 cells over [-4, 4)^2
   counts = np.bincount(cells[:, 0] * 4 + cells[:, 1], minlength=16)
@@ -91,29 +92,29 @@ def test_checkerboard_squares_equal_mass_and_density():
   assert scipy.stats.kstest((x[:, 0] % 2.) / 2., 'uniform').pvalue > 1e-3
   # The density integrates to one over the box and is -inf off the board.
   grid = (np.stack(np.meshgrid(np.arange(-4, 4, 0.25), np.arange(-4, 4, 0.25)), -1) + 0.125)
-  p = np.exp(datasets.toy_log_prob('CHECKERBOARD', grid))
+  p = np.exp(toy_data.toy_log_prob('CHECKERBOARD', grid))
   assert np.isclose(p.sum() * 0.25 ** 2, 1.)
-  assert datasets.toy_log_prob('CHECKERBOARD', np.array([[1., 3.]])) == -np.inf
-  assert datasets.toy_log_prob('CHECKERBOARD', np.array([[5., 5.]])) == -np.inf
-  assert np.isclose(datasets.toy_true_nll('CHECKERBOARD'), 3.4657, atol=1e-4)
+  assert toy_data.toy_log_prob('CHECKERBOARD', np.array([[1., 3.]])) == -np.inf
+  assert toy_data.toy_log_prob('CHECKERBOARD', np.array([[5., 5.]])) == -np.inf
+  assert np.isclose(toy_data.toy_true_nll('CHECKERBOARD'), 3.4657, atol=1e-4)
 
 
 def test_point_samples_and_density():
-  x = datasets.sample_toy('POINT', 4, 5000)
-  logp = datasets.toy_log_prob('POINT', x)
+  x = toy_data.sample_toy('POINT', 4, 5000)
+  logp = toy_data.toy_log_prob('POINT', x)
   assert np.all(np.isfinite(logp))
   np.testing.assert_allclose(logp, np.log(200.))
   assert np.all(np.bincount(np.round(x[:, 0] / 3.).astype(int) + 2) == 1000)
-  assert np.isclose(datasets.toy_true_nll('POINT'), -np.log(200.))
+  assert np.isclose(toy_data.toy_true_nll('POINT'), -np.log(200.))
   # The density integrates to one (quadrature around each narrow interval).
-  total = sum(integrate.quad(lambda y: np.exp(datasets.toy_log_prob('POINT', np.array([[y]])))[0],
+  total = sum(integrate.quad(lambda y: np.exp(toy_data.toy_log_prob('POINT', np.array([[y]])))[0],
                              c - 0.001, c + 0.001, points=[c - 5e-4, c + 5e-4])[0]
               for c in (-6., -3., 0., 3., 6.))
   assert np.isclose(total, 1., atol=1e-6)
 
 
 def test_swissroll_five_equal_copies_and_no_density():
-  x = datasets.sample_toy('SWISSROLL', 5, 1000)
+  x = toy_data.sample_toy('SWISSROLL', 5, 1000)
   assert x.shape == (1000, 2)
   r = 4.5
   offsets = np.array([[0., 0.], [-r, -r], [-r, r], [r, -r], [r, r]])
@@ -125,16 +126,16 @@ def test_swissroll_five_equal_copies_and_no_density():
     np.testing.assert_allclose(np.sort((x - offsets[nearest])[nearest == k][:, 0]), base,
                                atol=1e-5)
   with pytest.raises(ValueError, match='SWISSROLL'):
-    datasets.toy_log_prob('SWISSROLL', x)
+    toy_data.toy_log_prob('SWISSROLL', x)
   with pytest.raises(ValueError, match='SWISSROLL'):
-    datasets.toy_true_nll('SWISSROLL')
+    toy_data.toy_true_nll('SWISSROLL')
 
 
 def test_toy_dims_and_unknown_name():
-  assert [datasets.toy_dim(n) for n in ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')] == [
+  assert [toy_data.toy_dim(n) for n in ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')] == [
       1, 2, 2, 1]
   with pytest.raises(ValueError, match='MOG1D'):
-    datasets.toy_dim('GAUSS')
+    toy_data.toy_dim('GAUSS')
 
 
 def test_toy_stream_shapes_seeding_and_eval_length():
@@ -297,7 +298,7 @@ def test_digits_shapes_range_split():
   _, evl, _ = datasets.get_dataset(config, evaluation=True)
   assert len(list(tfds.as_numpy(evl))) == (1797 // 5) // 8  # last 20% held out
   config = image_config('DIGITS', size=8, channels=1, batch=4)
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits
   digits = load_digits()
   b = first(datasets.get_dataset(config, evaluation=True)[1])
   assert b['image'].shape == (4, 8, 8, 1)
@@ -309,7 +310,7 @@ def test_digits_shapes_range_split():
 
 def test_patterns_through_get_dataset():
   """PATTERNS: the test split in stored order, four grey levels, every image one of the patterns."""
-  import patterns_data  # pylint: disable=g-import-not-at-top
+  import patterns_data
   config = image_config('PATTERNS', size=8, channels=1, batch=8, eval_batch=8)
   _, evl, builder = datasets.get_dataset(config, evaluation=True, shuffle=False)
   assert builder is None
@@ -347,7 +348,7 @@ def test_npz_round_trip_and_sharding(tmp_path, monkeypatch):
     _, evl, _ = datasets.get_dataset(config, evaluation=True)
     batches = list(tfds.as_numpy(evl))
     assert all(b['image'].shape == (1, 6, 6, 3) for b in batches)
-    seen.append(sorted(int(l) for b in batches for l in b['label']))
+    seen.append(sorted(int(label) for b in batches for label in b['label']))
   assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(8))
 
 

@@ -34,20 +34,20 @@ import optax
 import checkpoints
 import layout
 import likelihood
+import optim
 import parallel
 import train_lib
 from layout import deq_dir_of
 
 
 def get_deq_optimizer(config):
-  """losses.get_optimizer with config.deq.{lr, warmup, grad_clip} in place of config.optim's."""
-  import losses  # pylint: disable=import-outside-toplevel
+  """optim.get_optimizer with config.deq.{lr, warmup, grad_clip} in place of config.optim's."""
   cfg = config.copy_and_resolve_references()
   cfg.unlock()
   cfg.optim.lr = float(config.deq.lr)
   cfg.optim.warmup = config.deq.warmup
   cfg.optim.grad_clip = float(config.deq.grad_clip)
-  return losses.get_optimizer(cfg)
+  return optim.get_optimizer(cfg)
 
 
 def check_config(config, workdir=None):
@@ -67,7 +67,7 @@ def check_config(config, workdir=None):
     if v < 1 or v % t.n_jitted_steps:
       raise ValueError(f'training.{name}={v} is not a positive multiple of '
                        f'training.n_jitted_steps={t.n_jitted_steps}: change one of them.')
-  from models import flowpp  # pylint: disable=import-outside-toplevel
+  from models import flowpp
   flowpp.model_name(config)
   if workdir is not None:
     _score_checkpoint(config, workdir)
@@ -90,7 +90,7 @@ def _score_checkpoint(config, workdir):
 def load_score_model(config, workdir, mesh):
   """(sde, model, params_ema, model_state, path) of workdir/checkpoints/checkpoint_{eval.ckpt_id}
   (as score_flow's train_deq; never another one), replicated over the mesh."""
-  import sde_lib  # pylint: disable=import-outside-toplevel
+  import sde_lib
   number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
   ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, layout.CHECKPOINTS), create=False)
@@ -105,8 +105,8 @@ def load_score_model(config, workdir, mesh):
 
 def init_deq_state(config, rng, init_images, mesh=None):
   """(deq_model, tx, host TrainState) with a data-dependent init on images in [0, 1]."""
-  import train_state as ts  # pylint: disable=import-outside-toplevel
-  from models import flowpp  # pylint: disable=import-outside-toplevel
+  import train_state as ts
+  from models import flowpp
   rng, init_rng = jax.random.split(rng)
   init_images = None if init_images is None else np.asarray(init_images, np.float32)
   deq_model, params = flowpp.init_dequantizer(init_rng, config, batch=init_images,
@@ -125,7 +125,7 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
   it in nonfinite_count). Eval (train=False): the loss of the EMA params.
   metrics: 'loss' (nats per example), 'bpd', 'finite'.
   """
-  import losses  # pylint: disable=import-outside-toplevel
+  import losses
   loss_fn = losses.get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scaler,
                                               train=train, importance_weighting=True, eps=eps,
                                               offset=offset, bits=bits)
@@ -135,8 +135,7 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
     if train:
       (loss, bpd), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         step_rng, state.params, score_params, score_state, batch)
-      all_finite = losses._all_finite  # pylint: disable=protected-access
-      finite = jnp.logical_and(jnp.isfinite(loss), all_finite(grads))
+      finite = jnp.logical_and(jnp.isfinite(loss), losses.all_finite(grads))
       updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
       new_ema = jax.tree_util.tree_map(lambda e, p: e * ema_rate + p * (1. - ema_rate),
@@ -178,8 +177,8 @@ def train_deq(config, workdir, deq_folder='deq'):
   model; resumes from the newest checkpoint under the dequantizer's directory. Returns the final
   (replicated) state."""
   check_config(config, workdir)
-  import datasets  # pylint: disable=import-outside-toplevel
-  from models import flowpp  # pylint: disable=import-outside-toplevel
+  import datasets
+  from models import flowpp
 
   deq_dir = deq_dir_of(workdir, deq_folder)
   if jax.process_index() == 0:
@@ -283,7 +282,7 @@ def get_dequantize_fn(config, workdir, deq_folder='deq', number=None):
 
 def make_dequantize_fn(deq_model, params, bits=8):
   """get_dequantize_fn's dequantize_fn(rng, images) -> (y, bpd_correction) for given params."""
-  from models import flowpp  # pylint: disable=import-outside-toplevel
+  from models import flowpp
 
   @jax.jit
   def apply(params, rng, images):
@@ -309,8 +308,8 @@ def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound
   bound with N time samples. Both include the 8-bit offset; the dequantized bpd adds
   get_dequantize_fn's bpd_correction.
   """
-  import bound_likelihood  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
+  import bound_likelihood
+  import datasets
   mesh = parallel.make_mesh()
   sde, model, params, model_state, _ = load_score_model(config, workdir, mesh)
   scaler = datasets.get_data_scaler(config)

@@ -219,7 +219,7 @@ def test_cli_train_deq_then_eval_with_dequantizer(trained, tmp_path):
   is flat at the scale of one 8-bit bin, where the uniform q is optimal (E[bpd_correction] =
   KL(q || U) / (D ln 2) >= 0); scripts/deq_demo.py (60 score and 500 dequantizer steps) measured
   the correction falling 0.29 -> 0.005 bits/dim with deq - uniform = +0.004 +- 0.005."""
-  from conftest import ok, run_main  # pylint: disable=import-outside-toplevel
+  from conftest import ok, run_main
   wd = tmp_path / 'wd'
   shutil.copytree(trained, wd)
   common = ['--config=configs/tiny/digits_deq.py', f'--workdir={wd}',

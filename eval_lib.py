@@ -67,7 +67,7 @@ def _wait_for_checkpoint(config, workdir, ckpt, is_main):
 
 
 def _progress(total, desc, unit, is_main):
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm
   return tqdm(total=total, desc=desc, unit=unit, disable=not is_main, dynamic_ncols=True)
 
 
@@ -175,7 +175,7 @@ def _eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools, get_
   """ceil(num_samples / batch_size) sampling rounds (ckpt_N/samples/samples_R.npz with uint8
   samples and their Inception pool_3 / logits; stored rounds are skipped), then IS/FID/KID of
   the first num_samples against the dataset stats."""
-  import evaluation  # pylint: disable=import-outside-toplevel
+  import evaluation
   e = config.eval
   sdir = os.path.join(ckpt_dir, layout.SAMPLES)
   if is_main:
@@ -233,11 +233,11 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
   workdir/eval_folder (layout in the module docstring); pre-emption safe (rerun to resume).
   """
   config_checks.validate_config(config, 'eval', workdir)
-  import datasets  # pylint: disable=import-outside-toplevel
-  import evaluation  # pylint: disable=import-outside-toplevel
-  import sampling  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  import datasets
+  import evaluation
+  import sampling
+  import sde_lib
+  from models import utils as mutils
 
   e = config.eval
   is_main = jax.process_index() == 0

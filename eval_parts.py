@@ -107,7 +107,7 @@ def get_dequantize_fn(config, workdir, deq_folder, sde=None, inverse_scaler=None
   """
   name = layout.dequantizer_name(config.eval.dequantizer)
   if name == 'flowpp':
-    import deq_lib  # pylint: disable=import-outside-toplevel
+    import deq_lib
     return deq_lib.get_dequantize_fn(config, workdir, deq_folder)
   if layout.is_toy(config):
     return lambda rng, x: (x, jnp.zeros(x.shape[:1], x.dtype))
@@ -175,7 +175,7 @@ def run_part(part, keys, params, model_state, draws):
 
 def get_batch_parts(config, sde, model, inverse_scaler):
   """The per-batch evaluations of the bits/dim loop (see BatchPart), in the order they run."""
-  import bound_likelihood  # pylint: disable=import-outside-toplevel
+  import bound_likelihood
   e = config.eval
   images = not layout.is_toy(config)
   eps = config.training.smallest_time
@@ -203,7 +203,7 @@ def get_batch_parts(config, sde, model, inverse_scaler):
         return _bpd_outputs(bpd + batch['deq_bpd'], nll, nfe, images)
     parts.append(BatchPart('bpd', bpd_fn))
   if e.enable_ode_score:
-    import ode_score  # pylint: disable=import-outside-toplevel
+    import ode_score
     score_gap_fn = ode_score.get_ode_score_fn_from_config(config, sde, model)
 
     def ode_score_fn(rng, params, model_state, batch):
@@ -216,7 +216,7 @@ def get_batch_parts(config, sde, model, inverse_scaler):
 def ode_score_summary(per_batch, ckpt_dir, is_main):
   """Per-time means over batches of the ode_score part -> ckpt_N/ode_score.{npz,csv}; the
   summary keeps the mean over t of each diagnostic."""
-  import ode_score  # pylint: disable=import-outside-toplevel
+  import ode_score
   means = {k: np.mean(np.stack(v), axis=0) for k, v in per_batch.items() if k != 'seconds'}
   if is_main:
     save_npz(os.path.join(ckpt_dir, 'ode_score.npz'), **means)

@@ -56,7 +56,7 @@ def get_inception_model(handle=None):
          'directory with --config.eval.inception_handle=/path')
   if not _is_remote(handle) and not os.path.isdir(handle):
     raise ValueError(f'Inception module directory {handle!r} does not exist; {fix}.')
-  import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
+  import tensorflow_hub as hub
   try:
     model = hub.load(handle)
   except Exception as e:  # no network, bad archive, not a SavedModel ...
@@ -288,8 +288,8 @@ def compute_dataset_stats(config, inception_model=None, out_path=None, max_image
   to their exact uint8 bytes. `batch_size` is Inception's (default config.eval.batch_size).
   Returns the written path (default: `stats_path(config)`).
   """
-  import datasets  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  import datasets
+  from tqdm import tqdm
   if inception_model is None:
     inception_model = get_inception_model(config.eval.inception_handle)
   out_path = out_path or stats_path(config)

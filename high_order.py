@@ -20,7 +20,8 @@ def _inner(x, y):
   return jnp.sum(x * y, axis=-1, keepdims=True)
 
 
-def _basis(x):
+def basis(x):
+  """The D basis vectors e_i of flat (B, D) data, each broadcast to x's shape."""
   eye = jnp.eye(x.shape[1], dtype=x.dtype)
   return [jnp.broadcast_to(eye[i], x.shape) for i in range(x.shape[1])]
 
@@ -29,7 +30,7 @@ def _jacobian(fn, x):
   """fn(x) and its per-example Jacobian J[b, i, j] = d fn_i / d x_j: one primal pass (linearize),
   one unrolled tangent per dimension (vmapped tangents compile to much slower XLA:CPU dots)."""
   value, fn_jvp = jax.linearize(fn, x)
-  return value, jnp.stack([fn_jvp(e) for e in _basis(x)], axis=-1)
+  return value, jnp.stack([fn_jvp(e) for e in basis(x)], axis=-1)
 
 
 def with_derivatives(fn, derivatives):

@@ -1,4 +1,4 @@
-"""Training losses and the train/eval step (the optimizer: optim.py, re-exported here).
+"""Training losses and the train/eval step (the optimizer: optim.py).
 
 First-order denoising score matching (score_sde) with score_flow's likelihood weighting and
 importance-sampled time, and the second- and third-order denoising score matching of
@@ -31,8 +31,7 @@ import optax
 
 import high_order
 import parallel
-from high_order import MAX_EXACT_JACOBIAN_DIM, exact_derivatives, flat  # pylint: disable=unused-import
-from optim import LR_SCHEDULES, get_lr_schedule, get_optimizer  # pylint: disable=unused-import
+from high_order import MAX_EXACT_JACOBIAN_DIM, flat
 from utils import batch_mul
 
 ORDERS = (1, 2, 3)
@@ -319,7 +318,8 @@ def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likeli
   return lambda rng, params, states, batch: fn(rng, params, states, batch)[0]
 
 
-def _all_finite(tree):
+def all_finite(tree):
+  """Whether every array of a pytree is finite (a traced bool; True for an empty tree)."""
   leaves = jax.tree_util.tree_leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
@@ -357,7 +357,7 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
     raise ValueError(f'Discrete-time training of {sde.__class__.__name__} is not supported: set '
                      'config.training.continuous = True.')
   if train and optimize_fn is None:
-    raise ValueError('A training step needs optimize_fn: pass losses.get_optimizer(config).')
+    raise ValueError('A training step needs optimize_fn: pass optim.get_optimizer(config).')
   loss_fn = get_loss_and_grad_fn(sde, model, train, options, grad=train)
 
   def step_fn(state, batch):
@@ -365,7 +365,7 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
     if train:
       (loss, (new_model_state, loss1, loss2, loss3)), grads = loss_fn(
         step_rng, state.params, state.model_state, batch)
-      finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
+      finite = jnp.logical_and(jnp.isfinite(loss), all_finite(grads))
       updates, new_opt_state = optimize_fn.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
       copy = state.step < options.ema_start
@@ -413,9 +413,9 @@ def dequantization_losses(rng, score_fn, dequantizer, data, sde, scaler, inverse
   score_flow drew the drift-divergence time uniformly and apart from the DSM time; here one
   (importance-sampled) time serves both: the same expectation.
   """
-  import bound_likelihood  # pylint: disable=import-outside-toplevel
-  from likelihood import dequantize, nll_to_bpd  # pylint: disable=import-outside-toplevel
-  from models.flowpp import log_q  # pylint: disable=import-outside-toplevel
+  import bound_likelihood
+  from likelihood import dequantize, nll_to_bpd
+  from models.flowpp import log_q
   u_rng, deq_rng, bound_rng = jax.random.split(rng, 3)
   x = inverse_scaler(data)
   u = jax.random.normal(u_rng, data.shape, data.dtype)
@@ -438,8 +438,8 @@ def get_dequantization_loss_fn(sde, score_model, deq_model, scaler, inverse_scal
   caller differentiates with respect to deq_params (argnums=1) only. Dropout of the dequantizer
   (config.deq.dropout) acts when train is True.
   """
-  from models import flowpp  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  from models import flowpp
+  from models import utils as mutils
 
   def loss_fn(rng, deq_params, score_params, score_state, batch):
     score_fn = mutils.get_score_fn(sde, score_model, score_params, score_state, train=False,

@@ -10,6 +10,7 @@ import pytest
 
 import high_order
 import losses
+import optim
 import sde_lib
 from configs.base_config import get_base_config
 from configs.toy.mog1d_ve import get_config as mog1d_ve_config
@@ -379,7 +380,7 @@ def _hand_adam(p, grads, lr, warmup, clip, wd, b1=0.9, b2=0.999, eps=1e-8):
                                 dict(weight_decay=0.)])
 def test_optimizer_matches_hand_computation(kw):
   config = _optim_config(**kw)
-  tx = losses.get_optimizer(config)
+  tx = optim.get_optimizer(config)
   p0 = np.array([1., -2., 3.])
   grads = [np.array([3., 4., 0.]), np.array([0.3, -0.4, 0.]), np.array([-1., 0.5, 2.])]
   params = {'w': jnp.asarray(p0, jnp.float32)}
@@ -401,7 +402,7 @@ def test_cosine_schedule_closed_form(warmup):
   (n_iters - warmup))) / 2, 0 at n_iters; 'constant' keeps lr after the warm-up."""
   config = _optim_config(warmup=warmup, schedule='cosine')
   config.training.n_iters = 25
-  fn = losses.get_lr_schedule(config)
+  fn = optim.get_lr_schedule(config)
   for step in range(26):
     if step < warmup:
       want = 0.1 * step / warmup
@@ -409,16 +410,16 @@ def test_cosine_schedule_closed_form(warmup):
       want = 0.05 * (1 + np.cos(np.pi * (step - warmup) / (25 - warmup)))
     np.testing.assert_allclose(float(fn(step)), want, atol=1e-7)
   config.optim.schedule = 'constant'
-  constant = losses.get_lr_schedule(config)  # a plain number without warm-up
+  constant = optim.get_lr_schedule(config)  # a plain number without warm-up
   np.testing.assert_allclose(float(constant(20) if callable(constant) else constant), 0.1)
   config.optim.schedule = 'linear'
   with pytest.raises(ValueError, match="'constant' or 'cosine'"):
-    losses.get_optimizer(config)
+    optim.get_optimizer(config)
 
 
 def test_optimizer_rejects_unknown_name():
   with pytest.raises(ValueError, match="optim.optimizer = 'Adam'"):
-    losses.get_optimizer(_optim_config(optimizer='SGD'))
+    optim.get_optimizer(_optim_config(optimizer='SGD'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def _setup(ema_rate=0.9, ema_start=0, nonfinite='stop', train=True, order=1):
   model = TinyScore()
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 2)), jnp.ones((2,)))['params']
   config = _optim_config(warmup=0, lr=1e-2)
-  tx = losses.get_optimizer(config)
+  tx = optim.get_optimizer(config)
   state = create_train_state(jax.random.PRNGKey(1), config, model, params, {}, tx)
   step_fn = losses.get_step_fn(sde, model, train=train, optimize_fn=tx, reduce_mean=True,
                                score_matching_order=order, ema_rate=ema_rate,
@@ -539,7 +540,7 @@ def test_loss_options_from_config_give_the_step_of_the_loose_keywords():
   options = losses.LossOptions.from_config(config)
   assert options == losses.LossOptions(**loose)
   _, state = _setup()
-  sde, model, tx = VE(), TinyScore(), losses.get_optimizer(_optim_config(warmup=0, lr=1e-2))
+  sde, model, tx = VE(), TinyScore(), optim.get_optimizer(_optim_config(warmup=0, lr=1e-2))
   # options replaces the loose keywords: reduce_mean=False alone would reject order 2.
   from_config = losses.get_step_fn(sde, model, True, optimize_fn=tx, reduce_mean=False,
                                    options=options)

@@ -77,7 +77,7 @@ def _unknown_override(argv):
   spec = _config_arg(argv)
   try:
     config = configs.load(spec)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   for key in _overrides(argv):
     node = config
@@ -125,7 +125,7 @@ class _QuietLibraries(logging.Filter):
 def _setup_file_logging(directory):
   """Log to both console and directory/stdout.txt (process 0 only), as the original; returns the
   file handler (None on other processes)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   if jax.process_index() != 0:
     return None
   handler = logging.StreamHandler(open(os.path.join(directory, 'stdout.txt'), 'a'))
@@ -140,7 +140,7 @@ def _setup_file_logging(directory):
 
 def _trace_to_file():
   """The traceback of the exception being handled, into stdout.txt only (stderr keeps one line)."""
-  import traceback  # pylint: disable=import-outside-toplevel
+  import traceback
   for h in logging.getLogger().handlers:
     if isinstance(h, logging.StreamHandler) and getattr(h.stream, 'name', '').endswith('stdout.txt'):
       h.stream.write(traceback.format_exc())
@@ -163,12 +163,12 @@ def run(fv):
   # Backend probing (e.g. 'Unable to initialize backend tpu') is not news on stderr.
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   if fv.coordinator_address:
     jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                num_processes=fv.num_processes, process_id=fv.process_id)
 
-  import config_checks  # pylint: disable=import-outside-toplevel
+  import config_checks
   workdir, mode = fv.workdir, fv.mode
   try:
     config_checks.validate_config(config, mode, workdir)
@@ -176,16 +176,16 @@ def run(fv):
     fail(e)
 
   try:
-    import utils  # pylint: disable=import-outside-toplevel
+    import utils
     utils.import_tensorflow()
   except ImportError:
     pass
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import run_lib
 
   handler = None
   try:
     if mode == 'train':
-      import train_lib  # pylint: disable=import-outside-toplevel
+      import train_lib
       train_lib.check_restore_from(config, workdir)  # before the workdir is made
       os.makedirs(workdir, exist_ok=True)
       handler = _setup_file_logging(workdir)
@@ -195,7 +195,7 @@ def run(fv):
       handler = _setup_file_logging(os.path.join(workdir, fv.eval_folder))
       run_lib.evaluate(config, workdir, fv.eval_folder, fv.deq_folder)
     elif mode == 'train_deq':
-      import deq_lib  # pylint: disable=import-outside-toplevel
+      import deq_lib
       deq_lib.check_config(config, workdir)  # before the dequantizer's folder is made
       new_workdir = os.path.join(workdir, fv.deq_folder)
       os.makedirs(new_workdir, exist_ok=True)

@@ -241,7 +241,7 @@ def plot_gap(results, path, key='gap', title=None):
   results: {label: dict with 'ts' and key (nt,)}, e.g. {'order 1': ..., 'order 3': ...}.
   Non-positive or non-finite values are left out of the log plot.
   """
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure
   if not results:
     raise ValueError('plot_gap: results is empty; pass {label: ode_score result dict}.')
   fig = Figure(figsize=(6, 4), dpi=120)

@@ -70,8 +70,8 @@ _tmap = jax.tree_util.tree_map
 def _rms(tree):
   """RMS over all components of all leaves (scipy's `norm` on the flattened state)."""
   leaves = jax.tree_util.tree_leaves(tree)
-  n = sum(int(np.prod(l.shape)) for l in leaves)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(l)) for l in leaves) / n)
+  n = sum(int(np.prod(leaf.shape)) for leaf in leaves)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves) / n)
 
 
 def _combine(y, h, weights, ks):
@@ -177,7 +177,7 @@ def _start(func, y0, t0, t1, rtol, atol, save_ts, args, unroll):
   if not leaves:
     raise ValueError('solve: y0 has no arrays; pass the ODE state as an array or pytree of them.')
   y0 = _tmap(jnp.asarray, y0)
-  dtype = jnp.result_type(*[l.dtype for l in jax.tree_util.tree_leaves(y0)])
+  dtype = jnp.result_type(*[leaf.dtype for leaf in jax.tree_util.tree_leaves(y0)])
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f'solve: y0 has dtype {dtype}; pass a floating-point state.')
   t0 = jnp.asarray(t0, dtype)

@@ -29,7 +29,7 @@ def replicate(tree, mesh):
   sharding = replicated(mesh)
 
   def put(x):
-    if checkpoints._is_key(x):  # pylint: disable=protected-access
+    if checkpoints.is_key(x):
       data = put(jax.random.key_data(x))
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     x = checkpoints.to_host(x)
@@ -48,7 +48,7 @@ def global_batch(local_batch, mesh, batch_axis=1):
 
 def to_numpy(x):
   """A tf.Tensor (without a copy through TF's Python API) or array-like -> numpy."""
-  return x._numpy() if hasattr(x, '_numpy') else np.asarray(x)  # pylint: disable=protected-access
+  return x._numpy() if hasattr(x, '_numpy') else np.asarray(x)
 
 
 def host_batch(ds_iter, scaler):
@@ -130,7 +130,7 @@ def get_multi_eval_fn(eval_step_fn, mesh, n_consts=0):
 def host(x):
   """A global array (sharded or replicated, possibly over processes) -> numpy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -138,5 +138,5 @@ def host(x):
 def sync(name):
   """A barrier of every process (no-op on one)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)

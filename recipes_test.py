@@ -65,8 +65,8 @@ def tiny(argv, paths):
 
 def parse(args):
   """(config, flags) as main.py parses `args` (its flags on a fresh absl FlagValues)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  import main  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  import main
   fv = flags.FlagValues()
   main.define_flags(fv, ['main.py', *args])
   fv(['main.py', *args])
@@ -76,9 +76,9 @@ def parse(args):
 @contextlib.contextmanager
 def mocked_tfds():
   """TFDS builders report themselves prepared and yield 16 random 32x32 uint8 images."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  import datasets
 
   def as_dataset(self, *args, **kwargs):
     del self, args, kwargs
@@ -105,7 +105,7 @@ def test_paper_numbers_come_from_the_references():
   ref = '/work/shared/reference/REFERENCE.md'
   if not os.path.exists(ref):
     pytest.skip('REFERENCE.md is not on this machine')
-  line = [l for l in open(ref) if l.startswith('This paper (VE, second / third order)')][0]
+  line = [row for row in open(ref) if row.startswith('This paper (VE, second / third order)')][0]
   numbers = {r.paper for r in recipes.rows()} - {recipes.NOT_HELD}
   assert numbers and all(n in line for n in numbers), (numbers, line)
 
@@ -125,9 +125,9 @@ def fakes(tmp_path_factory):
 
 
 def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
-  import config_checks  # pylint: disable=import-outside-toplevel
-  import deq_lib  # pylint: disable=import-outside-toplevel
-  from models import flowpp  # pylint: disable=import-outside-toplevel
+  import config_checks
+  import deq_lib
+  from models import flowpp
   rows = recipes.rows()
   assert len(rows) == 3 * (4 + 4 + 3)  # 3 orders x (VP, VE CIFAR-10: 4 results; ImageNet: 3)
   with mocked_tfds():
@@ -174,9 +174,9 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
 def _start_file(path, argv):
   """A flax.optim msgpack at path with the param tree of argv's tiny model (small random
   weights, random Adam moments, step STEP), written as restore_test writes score_sde's State."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import train_lib  # pylint: disable=import-outside-toplevel
-  from restore_test import write_flax_optim  # pylint: disable=import-outside-toplevel
+  import jax
+  import train_lib
+  from restore_test import write_flax_optim
   config, _ = parse(argv)
   state = jax.eval_shape(lambda r: train_lib.build_state(config, r)[2], jax.random.PRNGKey(0))
   r = np.random.RandomState(1)
@@ -187,8 +187,8 @@ def _start_file(path, argv):
 
 def _fake_inception(path):
   """evaluation_test's fake Inception SavedModel (16-d pool_3, 10 logits) at path."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from evaluation_test import _FakeInception  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  from evaluation_test import _FakeInception
   module = _FakeInception(np.random.RandomState(5).randn(3, 16).astype(np.float32),
                           (np.random.RandomState(6).randn(16, 10) / 4).astype(np.float32))
   tf.saved_model.save(module, str(path), signatures={'default': module.__call__})
@@ -222,8 +222,8 @@ def plan(tmp_path):
 
 def test_command_shapes_run_at_tiny_size(tmp_path):
   """One process runs the plan; each command exits 0 and leaves what its row reads."""
-  import checkpoints  # pylint: disable=import-outside-toplevel
-  from conftest import ROOT, main_env  # pylint: disable=import-outside-toplevel
+  import checkpoints
+  from conftest import ROOT, main_env
   args = plan(tmp_path)
   (tmp_path / 'start').mkdir()
   _start_file(tmp_path / 'start' / 'checkpoint_26', args[0])
@@ -232,7 +232,7 @@ def test_command_shapes_run_at_tiny_size(tmp_path):
     json.dump(args, f)
   r = subprocess.run([sys.executable, __file__, str(tmp_path / 'plan.json')], cwd=ROOT,
                      env=main_env(), capture_output=True, text=True, timeout=900)
-  done = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+  done = [json.loads(row) for row in r.stdout.splitlines() if row.startswith('{')]
   for d in done:
     print(f"{d['seconds']:6.1f} s  {' '.join(a for a in d['args'] if 'mode' in a or 'folder' in a)}")
   assert len(done) == len(args) and all(d['code'] == 0 for d in done), (
@@ -251,9 +251,9 @@ def test_command_shapes_run_at_tiny_size(tmp_path):
 def _runner_main(plan_path):
   """Script mode: run the plan's main.py argument lists in this process, in order, on mocked
   TFDS; print one JSON line per command ({args, seconds, code, error})."""
-  import io  # pylint: disable=import-outside-toplevel
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  import main  # pylint: disable=import-outside-toplevel
+  import io
+  from absl import logging as absl_logging
+  import main
   absl_logging.set_verbosity(absl_logging.WARNING)
   with open(plan_path) as f:
     plan = json.load(f)

@@ -100,14 +100,14 @@ def listing(directory):
 
 def raw(step_dir):
   """Host numpy tree of one of our checkpoint_N dirs (CRC-verified)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import checkpoints  # pylint: disable=import-outside-toplevel
+  import jax
+  import checkpoints
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree_util.tree_map(np.asarray, checkpoints.restore_raw(str(step_dir), sharding))
 
 
 def _flat(tree):
-  import checkpoints  # pylint: disable=import-outside-toplevel
+  import checkpoints
   return checkpoints.flatten(tree)
 
 

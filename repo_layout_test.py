@@ -34,8 +34,8 @@ def test_readme_images_are_tracked(tracked):
   with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
     text = f.read()
   links = re.findall(r'!\[[^\]]*\]\(([^)\s]+)', text) + re.findall(r'<img[^>]+src="([^"]+)"', text)
-  local = [l for l in links if not re.match(r'[a-z]+://', l)]
-  missing = [l for l in local if os.path.normpath(l) not in tracked]
+  local = [link for link in links if not re.match(r'[a-z]+://', link)]
+  missing = [link for link in local if os.path.normpath(link) not in tracked]
   assert not missing, f'README.md links images git does not track: {missing}'
 
 

@@ -55,7 +55,7 @@ def _read_legacy(path):
   with open(path, 'rb') as f:
     try:
       raw = flax.serialization.msgpack_restore(f.read())
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise ValueError(f"'{path}' cannot be read as flax msgpack ({type(e).__name__}: "
                        f'{checkpoints.short(e, 120)}): the file is damaged or not a checkpoint; '
                        f'set {FLAG} to another file.') from e
@@ -79,7 +79,7 @@ def _read_source(path, sharding, shapes_only=False):
       else:
         raw = jax.tree_util.tree_map(checkpoints.to_host, checkpoints.restore_raw(d, sharding))
       break
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if i == len(step_dirs) - 1:
         raise ValueError(f"Checkpoint '{d}' cannot be read ({type(e).__name__}: "
                          f'{checkpoints.short(e, 200)}): point {FLAG} at another checkpoint.') from e
@@ -183,7 +183,7 @@ def load_state(path, target_state, tx, sharding):
   target_state's structure: params, EMA, model state, the step and the Adam moments (ours: the
   optax state; flax.optim: grad_ema / grad_sq_ema and optimizer.state.step as optax's mu, nu and
   counts, so Adam and the learning-rate schedule continue), the rng where stored."""
-  import optax  # pylint: disable=import-outside-toplevel
+  import optax
   src, kind, path = _read_source(path, sharding)
   out, notes = _matched(src, target_state, ('params', 'params_ema', 'model_state'))
   step = np.asarray(_source_step(src, path), np.int32)

@@ -11,9 +11,11 @@ import logging
 
 import config_checks
 import deq_lib
-# Names code written against score_sde / earlier versions of this module imports from here.
-from eval_lib import evaluate  # pylint: disable=unused-import
-from train_lib import NonFiniteError, build_state, train  # pylint: disable=unused-import
+from eval_lib import evaluate
+from train_lib import NonFiniteError, build_state, train
+
+# The names code written against score_sde imports from here.
+__all__ = ['train', 'evaluate', 'train_deq', 'fid_stats', 'build_state', 'NonFiniteError']
 
 
 def train_deq(config, workdir, deq_workdir):
@@ -27,7 +29,7 @@ def fid_stats(config, workdir):
   replace an existing file unless eval.overwrite_stats. Run it as a single process."""
   del workdir  # the stats belong to the dataset, not to a run
   config_checks.validate_config(config, 'fid_stats')
-  import evaluation  # pylint: disable=import-outside-toplevel
+  import evaluation
   e = config.eval
   inception = evaluation.get_inception_model(e.inception_handle)
   path = evaluation.compute_dataset_stats(config, inception, max_images=e.stats_num_images or None)

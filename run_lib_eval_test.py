@@ -32,7 +32,7 @@ N_LOSS_BATCHES = (1797 // 5) // 8  # DIGITS test split (last 20%) in batches of 
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory):
   """Fake Inception SavedModel and the DIGITS stats file written by --mode fid_stats."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   root = tmp_path_factory.mktemp('eval_assets')
   module = _FakeInception(POOL_W, LOGITS_W)
   tf.saved_model.save(module, str(root / 'inception'), signatures={'default': module.__call__})
@@ -266,7 +266,7 @@ def test_wait_for_checkpoint(trained, tmp_path):
   summary = json.loads((workdir / 'waited' / 'ckpt_3' / 'summary.json').read_text())
   assert summary['ckpt'] == 3 and summary['step'] == 4
 
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import run_lib
   config = _config(begin_ckpt=9, end_ckpt=9, wait_for_ckpt=True, wait_timeout=0.3, wait_poll=0.1,
                    enable_bpd=False, enable_loss=False)
   with pytest.raises(FileNotFoundError, match='checkpoint_9 did not appear within'):
@@ -277,18 +277,19 @@ def test_toy_batch_part_reports_nats():
   """Flat toy data: the bits/dim part also returns the NLL in nats (bpd = nll / (dim ln 2), no
   8-bit offset), the data are not dequantized, and the divergence is exact (no Hutchinson probe:
   the NLL does not depend on the key)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
-  import eval_parts  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-  from configs.toy import checkerboard_vp  # pylint: disable=import-outside-toplevel
+  import jax
+  import datasets
+  import eval_parts
+  import run_lib
+  import sde_lib
+  import toy_data
+  from configs.toy import checkerboard_vp
   config = checkerboard_vp.get_config()
   config.eval.rtol = config.eval.atol = 1e-3
   sde, _ = sde_lib.get_sde(config)
   model, _, state = run_lib.build_state(config, jax.random.PRNGKey(0))
   (part,) = eval_parts.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
-  x = np.asarray(datasets.sample_toy('CHECKERBOARD', 0, 4), np.float32)
+  x = np.asarray(toy_data.sample_toy('CHECKERBOARD', 0, 4), np.float32)
   deq_x, corr = eval_parts.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
   np.testing.assert_array_equal(deq_x, x)
   out = part.fn(jax.random.PRNGKey(2), state.params_ema, state.model_state,
@@ -305,9 +306,9 @@ def test_toy_eval_with_ode_score(tmp_path):
   """--mode eval on a toy MLP checkpoint: NLL in nats per batch, and the ScoreODE score gap
   (eval.enable_ode_score) stored per batch, then as ckpt_N/ode_score.{npz,csv} (one row per time)
   and in the summary."""
-  import json  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
-  from configs.toy import mog1d_ve  # pylint: disable=import-outside-toplevel
+  import json
+  import run_lib
+  from configs.toy import mog1d_ve
   config = mog1d_ve.get_config()
   t = config.training
   t.batch_size, t.n_iters, t.snapshot_freq, t.snapshot_freq_for_preemption = 64, 2, 2, 2

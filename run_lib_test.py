@@ -21,7 +21,7 @@ from PIL import Image
 import checkpoints
 import train_lib
 # The `trained` fixture (one shared trained workdir) lives in conftest.py.
-from conftest import CACHE, CONFIG, SMALL, run_main, train_args  # pylint: disable=unused-import
+from conftest import run_main, train_args
 from conftest import ok as _ok
 
 
@@ -54,8 +54,8 @@ def test_order1_writes_checkpoints_tensorboard_samples(trained):
   assert int(_raw(trained / 'checkpoints' / 'checkpoint_2')['step']) == 4
   assert int(_raw(trained / 'checkpoints' / 'checkpoint_1')['step']) == 2
 
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
-  from tensorboard.util import tensor_util  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
   acc = event_accumulator.EventAccumulator(str(trained / 'tensorboard'), size_guidance={'tensors': 0})
   acc.Reload()
   tags = set(acc.Tags()['tensors'])

@@ -61,7 +61,7 @@ def _as_score_fn(sde, score, continuous):
   if callable(score):
     return score
   if isinstance(score, (tuple, list)) and len(score) == 3:
-    from models import utils as mutils  # pylint: disable=import-outside-toplevel
+    from models import utils as mutils
     model, params, states = score
     return mutils.get_score_fn(sde, model, params, states, train=False, continuous=continuous)
   raise ValueError('A sampler needs score_fn(x, t) or a (model, params, states) tuple, got '
@@ -174,7 +174,7 @@ class AncestralSamplingPredictor(Predictor):
 class NonePredictor(Predictor):
   """No predictor (corrector-only sampler)."""
 
-  def __init__(self, sde, score_fn, probability_flow=False):  # pylint: disable=W0231
+  def __init__(self, sde, score_fn, probability_flow=False):
     pass
 
   def update_fn(self, rng, x, t):
@@ -231,7 +231,7 @@ class AnnealedLangevinDynamics(LangevinCorrector):
 class NoneCorrector(Corrector):
   """No corrector (predictor-only sampler)."""
 
-  def __init__(self, sde, score_fn, snr, n_steps):  # pylint: disable=W0231
+  def __init__(self, sde, score_fn, snr, n_steps):
     pass
 
   def update_fn(self, rng, x, t):
@@ -340,7 +340,7 @@ def _check_ode_method(method):
 
 def _solve_probability_flow(sde, score_fn, x, t0, t1, rtol, atol):
   """x(t1) of the probability-flow ODE from x(t0), and the number of drift evaluations."""
-  import ode_solver  # pylint: disable=import-outside-toplevel
+  import ode_solver
   rsde = sde.reverse(score_fn, probability_flow=True)
 
   def drift_fn(t, x):

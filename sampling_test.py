@@ -181,9 +181,8 @@ def test_unsupported_combinations_raise():
 def test_model_sampling_fn_matches_plain_score_route(sde_name, continuous, method):
   """get_sampling_fn(rng, params, state) == the plain-score sampler on get_score_fn's score
   (the ODE labels a discrete VP model as continuous, as score_sde)."""
-  from configs.toy.common import get_toy_config  # pylint: disable=import-outside-toplevel
-  from models import mlp  # pylint: disable=import-outside-toplevel,unused-import
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  from configs.toy.common import get_toy_config
+  from models import utils as mutils
   config = get_toy_config('CHECKERBOARD', 2, sde=sde_name)
   config.training.continuous = continuous
   config.model.encoder_layers, config.model.decoder_layers = (16,), (16,)
@@ -226,7 +225,9 @@ print('OK')
 @pytest.mark.slow
 def test_batch_sharded_over_two_devices_matches_one():
   """The caller may shard the batch (jit with shardings): same samples as on one device."""
-  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  import os
+  import subprocess
+  import sys
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,

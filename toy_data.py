@@ -65,7 +65,7 @@ def sample_toy(name, rng_or_seed, n):
     x2 = rng.random(n) - rng.integers(0, 2, n) * 2. + np.floor(x1) % 2
     x = np.stack([x1, x2], axis=1) * 2.
   else:  # SWISSROLL
-    from sklearn.datasets import make_swiss_roll  # pylint: disable=g-import-not-at-top
+    from sklearn.datasets import make_swiss_roll
     m = max(1, math.ceil(n / 5))
     base = make_swiss_roll(n_samples=m, noise=1.0, random_state=int(rng.integers(2 ** 31 - 1)))[0]
     base = base[:, [0, 2]] / 10.

@@ -18,6 +18,7 @@ import tqdm
 import checkpoints
 import config_checks
 import layout
+import optim
 import parallel
 import restore_from
 
@@ -32,23 +33,22 @@ class NonFiniteError(RuntimeError):
 
 def build_state(config, rng):
   """(model, optimizer, host TrainState) freshly initialised from config."""
-  import losses  # pylint: disable=import-outside-toplevel
-  import train_state as ts  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  import train_state as ts
+  from models import utils as mutils
   rng, init_rng = jax.random.split(rng)
   model = mutils.get_model(config.model.name)(config=config)
   # jit: eager flax init dispatches hundreds of small ops (seconds on a busy CPU); the jitted one
   # is compiled once and then served from the persistent compilation cache.
   init_model_state, initial_params = jax.jit(
     lambda r: tuple(mutils.init_model(r, config)[1:]))(init_rng)
-  tx = losses.get_optimizer(config)
+  tx = optim.get_optimizer(config)
   state = ts.create_train_state(rng, config, model, initial_params, init_model_state, tx)
   return model, tx, state
 
 
 def get_step_fns(config, sde, model, tx):
   """(train_step_fn, eval_step_fn) of losses.get_step_fn for this config and optimizer tx."""
-  import losses  # pylint: disable=import-outside-toplevel
+  import losses
   options = losses.LossOptions.from_config(config)
   return (losses.get_step_fn(sde, model, train=True, optimize_fn=tx, options=options),
           losses.get_step_fn(sde, model, train=False, optimize_fn=tx, options=options))
@@ -66,7 +66,7 @@ class Writer:
   def __init__(self, tb_dir):
     self._w = None
     if jax.process_index() == 0:
-      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+      from flax.metrics import tensorboard
       self._w = tensorboard.SummaryWriter(tb_dir)
 
   def scalars(self, metrics, step, prefix):
@@ -82,7 +82,7 @@ class Writer:
 
 def save_samples(sample, directory):
   """sample (B, H, W, C) in [0, 1] (or flat (B, D)) -> directory/sample.npz and sample.png."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
   os.makedirs(directory, exist_ok=True)
   sample = np.asarray(sample)
   np.savez_compressed(os.path.join(directory, 'sample.npz'), samples=sample)
@@ -293,10 +293,10 @@ def train(config, workdir, progress_desc='train', progress_position=None):
   score_sde / score_flow msgpack): its params, EMA params and model state, a fresh optimizer.
   """
   config_checks.validate_config(config, 'train', workdir)
-  import datasets  # pylint: disable=import-outside-toplevel
-  import sampling  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  import datasets
+  import sampling
+  import sde_lib
+  from models import utils as mutils
 
   t = config.training
   sde, sampling_eps = sde_lib.get_sde(config)

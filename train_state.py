@@ -12,7 +12,7 @@ class TrainState:
 
   step: int32 scalar, the number of steps taken (0 before the first one).
   params / params_ema: the score model's parameters and their exponential moving average.
-  opt_state: the optax state of `losses.get_optimizer(config)` (its own update count drives the
+  opt_state: the optax state of `optim.get_optimizer(config)` (its own update count drives the
     learning-rate schedule).
   model_state: the model's non-parameter collections (a dict, empty for our models).
   rng: a raw uint32 PRNG key (not a typed key, so that checkpoints hold plain arrays).
@@ -38,7 +38,7 @@ def create_train_state(rng, config, model, params, model_state, tx):
   """A fresh TrainState at step 0: opt_state = tx.init(params), params_ema = params.
 
   `config` and `model` are accepted for the score_sde call shape and not stored (a flax module is
-  not a pytree leaf); `tx` is the optax transformation of `losses.get_optimizer(config)`.
+  not a pytree leaf); `tx` is the optax transformation of `optim.get_optimizer(config)`.
   """
   del config, model
   params_ema = jax.tree_util.tree_map(jnp.array, params)  # a copy, not an alias

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-import losses
+import optim
 from configs.base_config import get_base_config
 from train_state import TrainState, create_train_state
 
@@ -13,7 +13,7 @@ def _state(rng):
   config = get_base_config()
   config.optim.weight_decay = 1e-3
   params = {'dense': {'kernel': jnp.arange(6.).reshape(2, 3), 'bias': jnp.ones(3)}}
-  tx = losses.get_optimizer(config)
+  tx = optim.get_optimizer(config)
   state = create_train_state(rng, config, None, params, {}, tx)
   updates, opt_state = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state.opt_state,
                                  params)
@@ -33,7 +33,7 @@ def _assert_equal(a, b):
 def test_fresh_state():
   state, _ = _state(jax.random.key(0))  # a typed key is stored as raw uint32 data
   fresh = create_train_state(jax.random.PRNGKey(0), get_base_config(), None, state.params, None,
-                             losses.get_optimizer(get_base_config()))
+                             optim.get_optimizer(get_base_config()))
   assert fresh.rng.dtype == jnp.uint32 and state.rng.dtype == jnp.uint32
   np.testing.assert_array_equal(fresh.rng, state.rng)
   assert int(fresh.step) == 0 and int(fresh.nonfinite_count) == 0 and fresh.model_state == {}

@@ -28,7 +28,7 @@ def import_tensorflow():
   start-up lines are not the user's business; TF_CPP_MIN_LOG_LEVEL no longer silences them) and
   kept off the GPUs (JAX owns them)."""
   with quiet_native_stderr():
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf
     try:
       tf.config.set_visible_devices([], 'GPU')
     except (RuntimeError, ValueError):  # TF already initialised its devices; nothing to do.

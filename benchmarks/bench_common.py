@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import jax  # pylint: disable=wrong-import-position
+import jax
 
 
 def cpu_model():
@@ -124,7 +124,7 @@ TINY = {'tiny_ddpmpp': 'configs/tiny/digits_ddpmpp.py', 'tiny_ncsnpp': 'configs/
 
 def tiny_config(name='tiny_ddpmpp', batch=16):
   """A tiny config pinned to nf 32, ch_mult (1, 2), one res block, 16x16x3, batch `batch`."""
-  # pylint: disable=import-outside-toplevel
+
   if name == 'tiny_ddpmpp':
     from configs.tiny import digits_ddpmpp as mod
   elif name == 'tiny_ncsnpp':
@@ -144,9 +144,9 @@ def tiny_config(name='tiny_ddpmpp', batch=16):
 
 def digits_batches(config, n_train_batches):
   """Scaled DIGITS train batches (list) and one scaled test batch (first of the test split)."""
-  import datasets  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import datasets
+  import jax.numpy as jnp
+  import numpy as np
   scaler = datasets.get_data_scaler(config)
   train_ds, _, _ = datasets.get_dataset(config, evaluation=False)
   it = iter(train_ds)
@@ -161,8 +161,8 @@ def train_briefly(config, sde, model, params, states, train_batches, steps, lr=2
 
   Returns (params, final loss). Used to get realistic NFE from an adaptive ODE solver (a random
   init gives an almost linear flow)."""
-  import optax  # pylint: disable=import-outside-toplevel
-  import losses  # pylint: disable=import-outside-toplevel
+  import optax
+  import losses
   loss_fn = losses.get_sde_loss_fn(
     sde, model, True, reduce_mean=True, continuous=True, likelihood_weighting=False,
     importance_weighting=False, eps=config.training.get('smallest_time', 1e-5),

@@ -56,11 +56,11 @@ def one_order(args):
 
 def one_bpd(args):
   """{what, ms, nfe, bpd} of one exact bits/dim batch (probability-flow ODE, RK45)."""
-  import likelihood  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-  import train_lib  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  import likelihood
+  import datasets
+  import sde_lib
+  import train_lib
+  from models import utils as mutils
   size = SMOKE if args.cpu_smoke else FULL
   config = (_smoke_config(size['bpd_batch'], 1, 1, 'none') if args.cpu_smoke
             else memory.config_for(args.config, size['bpd_batch'], 1, 1, 'none'))

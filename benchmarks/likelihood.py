@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import datasets
+import toy_data
 import likelihood
 import sde_lib
 import utils
@@ -33,7 +34,7 @@ from models import utils as mutils
 
 
 def toy_config():
-  from configs.toy import checkerboard_ve  # pylint: disable=import-outside-toplevel
+  from configs.toy import checkerboard_ve
   return checkerboard_ve.get_config()
 
 
@@ -155,10 +156,10 @@ def main():
   tconfig = toy_config()
   tsde, _ = sde_lib.get_sde(tconfig)
   tmodel, tstates, tparams = mutils.init_model(jax.random.PRNGKey(0), tconfig)
-  tdata = jnp.asarray(datasets.sample_toy('CHECKERBOARD', 0, toy_batch), jnp.float32)
+  tdata = jnp.asarray(toy_data.sample_toy('CHECKERBOARD', 0, toy_batch), jnp.float32)
   tparams_kind = args.params
   if args.params == 'trained':
-    tbatches = [jnp.asarray(datasets.sample_toy('CHECKERBOARD', i + 1, 1000), jnp.float32)
+    tbatches = [jnp.asarray(toy_data.sample_toy('CHECKERBOARD', i + 1, 1000), jnp.float32)
                 for i in range(8)]
     tparams, tloss = bc.train_briefly(tconfig, tsde, tmodel, tparams, tstates, tbatches,
                                    args.toy_train_steps, lr=1e-3)

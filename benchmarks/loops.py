@@ -25,7 +25,6 @@ import tempfile
 import bench_common as bc  # also puts the repo root on sys.path
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import bound_likelihood
 import datasets
@@ -140,7 +139,7 @@ def loop_rows(args):
 
   # The dequantizer's training and evaluation steps (they differentiate through the score model).
   dconfig = bc.tiny_config('tiny_ddpmpp', args.batch)
-  from configs.tiny import digits_deq  # pylint: disable=import-outside-toplevel
+  from configs.tiny import digits_deq
   dconfig.model = digits_deq.get_config().model
   dconfig.deq = digits_deq.get_config().deq
   dsde, _ = sde_lib.get_sde(dconfig)

@@ -33,6 +33,7 @@ import bench_common as bc  # also puts the repo root on sys.path
 import jax
 
 import losses
+import optim
 import parallel
 import readme_sections
 import sde_lib
@@ -56,7 +57,7 @@ MOST_TIMED = {1: 16, 2: 16, 3: 8}
 
 
 def config_for(name, batch, order, n_micro, remat):
-  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib
   config = (importlib.import_module(f'configs.{FULL[name]}').get_config() if name in FULL
             else bc.tiny_config(name, batch))
   t = config.training
@@ -71,7 +72,7 @@ def train_call(config, abstract, donate=True):
   compile on CPU)."""
   sde, _ = sde_lib.get_sde(config)
   model = mutils.get_model(config.model.name)(config=config)
-  tx = losses.get_optimizer(config)
+  tx = optim.get_optimizer(config)
   call = jax.jit(train_lib.get_step_fns(config, sde, model, tx)[0],
                  donate_argnums=0 if donate else ())
   shape = (config.training.batch_size,) + mutils.get_data_shape(config)

@@ -19,7 +19,7 @@ import ode_solver
 def solvers(t1, tol):
   """Name -> jitted f(y0) -> number of attempted steps, for both solvers."""
   try:
-    import diffrax  # pylint: disable=import-outside-toplevel
+    import diffrax
   except ImportError:
     raise SystemExit('diffrax is an optional extra: pip install diffrax') from None
   a = jnp.asarray([[-0.01, 2.], [-2., -0.01]])

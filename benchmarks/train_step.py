@@ -179,11 +179,11 @@ def _hessian_trace_grad(h11, h12, h22, d):
 
 def _derivs_jet(fn, x, order):
   """Taylor mode: one order-2 jet per direction (e1; or e1, e2, e1 + e2 by polarisation)."""
-  from jax.experimental import jet  # pylint: disable=import-outside-toplevel
+  from jax.experimental import jet
   if order == 2:
     return high_order.exact_derivatives(fn, x, 2)
   d = x.shape[1]
-  basis = high_order._basis(x)  # pylint: disable=protected-access
+  basis = high_order.basis(x)
   dirs = basis + ([] if d == 1 else [jnp.ones_like(x)])
   outs = [jet.jet(fn, (x,), ((u, jnp.zeros_like(x)),)) for u in dirs]
   s = outs[0][0]
@@ -197,7 +197,7 @@ def _derivs_fwdfwd(fn, x, order):
   """Forward over forward: one nested jvp per pair of directions."""
   if order == 2:
     return high_order.exact_derivatives(fn, x, 2)
-  e = high_order._basis(x)  # pylint: disable=protected-access
+  e = high_order.basis(x)
   d = x.shape[1]
 
   def second(a, b):  # (s, J e_a, J e_b, f''[e_a, e_b])
@@ -222,7 +222,7 @@ DERIVATIVE_METHODS = {'ours': high_order.exact_derivatives,
 # ------------------------------------------------------------------------------------------------
 def toy_config(name, batch=1000):
   """The demo's toy config (VE, exact Jacobians, loss weights (1, 0.5, 0.1)) at `batch`."""
-  # pylint: disable=import-outside-toplevel
+
   from configs.toy import checkerboard_ve, mog1d_ve
   config = {'mog1d': mog1d_ve, 'checkerboard': checkerboard_ve}[name].get_config()
   config.training.batch_size = batch
@@ -231,9 +231,9 @@ def toy_config(name, batch=1000):
 
 def full_config(name, batch):
   if name == 'cifar10_ddpmpp':
-    from configs.vp import cifar10_ddpmpp_continuous as mod  # pylint: disable=C0415
+    from configs.vp import cifar10_ddpmpp_continuous as mod
   else:
-    from configs.ve import cifar10_ncsnpp_continuous as mod  # pylint: disable=C0415
+    from configs.ve import cifar10_ncsnpp_continuous as mod
   config = mod.get_config()
   config.training.batch_size = batch
   return config

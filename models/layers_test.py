@@ -17,7 +17,7 @@ def _random_params(mod, *args, seed=0):
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_unflatten(
-    treedef, [jnp.asarray(0.5 * rng.randn(*l.shape), jnp.float32) for l in leaves])
+    treedef, [jnp.asarray(0.5 * rng.randn(*leaf.shape), jnp.float32) for leaf in leaves])
 
 
 def _key(seed=0):

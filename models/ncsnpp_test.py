@@ -178,7 +178,7 @@ def _random_variables(model, x, t, seed=0):
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_unflatten(
-    treedef, [jnp.asarray(0.1 * rng.randn(*l.shape), jnp.float32) for l in leaves])
+    treedef, [jnp.asarray(0.1 * rng.randn(*leaf.shape), jnp.float32) for leaf in leaves])
 
 
 def test_scale_by_sigma_divides_by_the_label():

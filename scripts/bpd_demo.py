@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import configs  # pylint: disable=wrong-import-position
+import configs
 
 
 def parse_args(argv=None):
@@ -68,7 +68,7 @@ def base_config(args):
 
 def evaluate(config, workdir, folder, **fields):
   """run_lib.evaluate with config.eval fields set -> (summary, per-example arrays by key)."""
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import run_lib
   config = copy.deepcopy(config)  # keeps eval.dequantizer's any-type field
   for k, v in {'dequantizer': 'uniform', 'num_deq_samples': 1, 'bound': False, **fields}.items():
     config.eval[k] = v
@@ -118,9 +118,9 @@ def write_outputs(workdir, rows, meta, images):
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(text)
   print(text, flush=True)
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
   fig = plt.figure(figsize=(11, 4.5))
   ax = fig.add_axes([0.07, 0.35, 0.6, 0.6])
   shown = rows[2:]
@@ -146,8 +146,8 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(message)s')
   for name in ('absl', 'orbax', 'jax'):
     logging.getLogger(name).setLevel(logging.WARNING)
-  import patterns_data  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import patterns_data
+  import run_lib
   wd = os.path.abspath(args.workdir)
   os.makedirs(wd, exist_ok=True)
   config = base_config(args)

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import configs  # pylint: disable=wrong-import-position
+import configs
 
 
 def parse_args(argv=None):
@@ -56,11 +56,11 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   for name in ('absl', 'orbax', 'jax'):
     logging.getLogger(name).setLevel(logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import datasets  # pylint: disable=import-outside-toplevel
-  import deq_lib  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  import numpy as np
+  import datasets
+  import deq_lib
+  import run_lib
 
   config = configs.load(args.config)
   config.training.n_iters = args.score_steps

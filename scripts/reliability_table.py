@@ -15,7 +15,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import reliability as rt  # pylint: disable=wrong-import-position
+import reliability as rt
 
 
 def _checked(check, rec):

@@ -23,11 +23,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-import tqdm  # pylint: disable=wrong-import-position
+from absl import app, flags, logging
+import numpy as np
+import tqdm
 
-import toy_data  # pylint: disable=wrong-import-position
+import toy_data
 
 DATASETS = {'mog1d': 'MOG1D', 'checkerboard': 'CHECKERBOARD'}
 # The plotted window of each dataset (the density grid spans it).
@@ -75,7 +75,6 @@ flags.DEFINE_integer('jobs', 2, 'Stages trained side by side (worker processes s
 
 def stage_config(opts, dataset, order, steps, restore_from=''):
   """The toy config of one stage: opts = dataset_opts(dataset)."""
-  # pylint: disable-next=import-outside-toplevel
   from configs.toy import checkerboard_ve, checkerboard_vp, mog1d_ve, mog1d_vp
   module = {('mog1d', 've'): mog1d_ve, ('mog1d', 'vp'): mog1d_vp,
             ('checkerboard', 've'): checkerboard_ve, ('checkerboard', 'vp'): checkerboard_vp}
@@ -116,10 +115,10 @@ def eval_points(dataset, opts):
 
 def exact_nll(config, params, model_state, x, chunk=5000):
   """(NLL per point in nats, max NFE): exact-divergence ODE likelihood at the config's rtol/atol."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import likelihood  # pylint: disable=import-outside-toplevel
-  import sde_lib  # pylint: disable=import-outside-toplevel
-  from models import utils as mutils  # pylint: disable=import-outside-toplevel
+  import jax
+  import likelihood
+  import sde_lib
+  from models import utils as mutils
   sde, eps = sde_lib.get_sde(config)
   model = mutils.get_model(config.model.name)(config=config)
   fn = jax.jit(likelihood.get_likelihood_fn(
@@ -140,8 +139,8 @@ def train_stage(config, stage, slot):
   included, other stages running side by side), None when the stage resumed part-way; the row is
   kept in train.json, so a rerun reads it back rather than timing a resume.
   """
-  import layout  # pylint: disable=import-outside-toplevel
-  import run_lib  # pylint: disable=import-outside-toplevel
+  import layout
+  import run_lib
   workdir = stage['workdir']
   path = os.path.join(workdir, 'train.json')
   saved = None
@@ -194,7 +193,7 @@ def _init_worker(lock, threads):
   """`threads` TensorFlow threads per worker (it only streams toy batches) and a shared tqdm
   lock. XLA keeps its own thread pool: XLA_FLAGS set here, after jax is imported, would not take
   effect."""
-  import datasets  # pylint: disable=import-outside-toplevel
+  import datasets
   datasets.tf.config.threading.set_intra_op_parallelism_threads(threads)
   datasets.tf.config.threading.set_inter_op_parallelism_threads(threads)
   tqdm.tqdm.set_lock(lock)
@@ -316,7 +315,7 @@ def write_table(rows):
   machine from slower code by the steps per second."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'benchmarks'))
-  import bench_common  # pylint: disable=import-outside-toplevel
+  import bench_common
   with open(os.path.join(FLAGS.workdir, 'results.csv'), 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(CSV_KEYS)
@@ -349,9 +348,9 @@ def write_table(rows):
 
 def plot_density(dataset, stages, path):
   """Figure 1: the data density and the first- and third-order ODE densities on one scale."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
   x = grid_points(dataset, FLAGS.grid)
   dens = {'data q(x)': np.exp(toy_data.toy_log_prob(DATASETS[dataset], x))}
   for s in stages:

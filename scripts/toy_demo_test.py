@@ -30,7 +30,7 @@ def run_demo(workdir):
 
 @pytest.mark.slow
 def test_demo_writes_table_and_figures_and_resumes(tmp_path):
-  import datasets  # pylint: disable=import-outside-toplevel
+  import toy_data
   wd = tmp_path / 'demo'
   first = run_demo(wd)
   with open(wd / 'results.csv') as f:
@@ -39,7 +39,7 @@ def test_demo_writes_table_and_figures_and_resumes(tmp_path):
     (ds, str(o), '6') for ds in ('mog1d', 'checkerboard') for o in (1, 2, 3)]
   for r in rows:
     name = r['dataset'].upper()
-    true = -datasets.toy_log_prob(name, datasets.sample_toy(name, 10_000, 40))
+    true = -toy_data.toy_log_prob(name, toy_data.sample_toy(name, 10_000, 40))
     np.testing.assert_allclose(float(r['true_nll']), true.mean(), rtol=1e-6)
     assert np.isfinite(float(r['nll']))
     np.testing.assert_allclose(float(r['gap']), float(r['nll']) - float(r['true_nll']), atol=1e-9)
@@ -53,7 +53,7 @@ def test_demo_writes_table_and_figures_and_resumes(tmp_path):
     assert float(r['steps_per_s']) > 0 and float(r['base_steps_per_s']) > 0
   assert len({r['base_steps_per_s'] for r in rows}) == 2  # one base stage per dataset
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  import bench_common  # pylint: disable=import-outside-toplevel
+  import bench_common
   assert f'CPU {bench_common.cpu_model()}' in (wd / 'results.md').read_text()
   for name in ('results.md', 'density_mog1d.png', 'density_checkerboard.png'):
     assert (wd / name).stat().st_size > 0

@@ -83,9 +83,9 @@ def test_auto_picks_the_original_variant_per_dataset(dataset, size, expected):
 
 
 def test_auto_from_the_shipped_configs_and_explicit_names():
-  from configs.subvp import imagenet32_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
-  from configs.tiny import digits_deq  # pylint: disable=import-outside-toplevel
-  from configs.vp import cifar10_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
+  from configs.subvp import imagenet32_ddpmpp_continuous
+  from configs.tiny import digits_deq
+  from configs.vp import cifar10_ddpmpp_continuous
   assert flowpp.model_name(cifar10_ddpmpp_continuous.get_config()) == 'cifar10'
   assert flowpp.model_name(imagenet32_ddpmpp_continuous.get_config()) == 'imagenet32'
   assert flowpp.model_name(digits_deq.get_config()) == 'tiny'
