@@ -57,7 +57,9 @@ def check_tfds_available(config):
 
 def validate_config(config, mode='train', workdir=None):
   """Raise ValueError / FileNotFoundError (one line: problem and fix) for a config that cannot
-  run. Cheap: builds no model, reads no data; needs the JAX backend only for the device count."""
+  run in `mode`: the one check of every job (main.py runs it before any folder is made; the jobs
+  run it for library callers unless told the caller did). Cheap: builds no model, reads no data;
+  needs the JAX backend only for the device count."""
   import sde_lib
   if mode not in MODES:
     raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(MODES)}.")
@@ -72,25 +74,10 @@ def validate_config(config, mode='train', workdir=None):
     raise ValueError(f"Unknown SDE '{t.sde}': set --config.training.sde to one of "
                      f"{', '.join(sde_lib.SDE_NAMES)}.")
 
-  order = t.score_matching_order
-  if order not in (1, 2, 3):
-    raise ValueError(f'training.score_matching_order is {order}: set '
-                     '--config.training.score_matching_order to 1, 2 or 3.')
-  if order > 1 and not t.reduce_mean:
-    raise ValueError(f'Order-{order} score matching needs training.reduce_mean=True (the losses are '
-                     'normalised per dimension): add --config.training.reduce_mean=True.')
-  if len(tuple(t.loss_weights)) != 3:
-    raise ValueError(f'training.loss_weights has {len(tuple(t.loss_weights))} entries: give three '
-                     '(order 1, 2, 3), e.g. --config.training.loss_weights="(1.,1.,1.)".')
-  if config.optim.optimizer != 'Adam':
-    raise ValueError(f"optim.optimizer is '{config.optim.optimizer}': only 'Adam' is supported; "
-                     "set --config.optim.optimizer=Adam.")
+  import losses
+  losses.LossOptions.from_config(config)  # the loss and step options (orders, weights, ...)
   import optim
-  if config.optim.get('schedule', 'constant') not in optim.LR_SCHEDULES:
-    raise ValueError(f"optim.schedule is '{config.optim.schedule}': set "
-                     f"--config.optim.schedule to one of {', '.join(optim.LR_SCHEDULES)}.")
-  if t.nonfinite not in ('stop', 'skip'):
-    raise ValueError(f"training.nonfinite is '{t.nonfinite}': set it to 'stop' or 'skip'.")
+  optim.get_optimizer(config)  # the optimizer and its learning-rate schedule
 
   n_jit = t.n_jitted_steps
   if n_jit < 1:
@@ -118,10 +105,6 @@ def validate_config(config, mode='train', workdir=None):
       raise ValueError(f'training.n_microbatches={n_micro!r} does not divide the per-device batch '
                        f'{b // n_dev} ({name}={b} over {n_dev} devices): set it to a divisor of '
                        f'{b // n_dev}.')
-  import losses
-  if t.get('remat', 'none') not in losses.REMAT_POLICIES:
-    raise ValueError(f"training.remat is '{t.remat}': set --config.training.remat to one of "
-                     f"{', '.join(losses.REMAT_POLICIES)}.")
 
   from models import utils as mutils
   name = config.model.name
@@ -156,6 +139,9 @@ def validate_config(config, mode='train', workdir=None):
     validate_eval(config, workdir)
   if mode == 'fid_stats':
     validate_fid_stats(config)
+  if mode == 'train_deq':
+    import deq_lib
+    deq_lib.check_config(config, workdir)
 
 
 def _check_inception_handle(config):

@@ -172,11 +172,14 @@ def _log_to_file(deq_dir):
   return handler
 
 
-def train_deq(config, workdir, deq_folder='deq'):
+def train_deq(config, workdir, deq_folder='deq', check=True):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
   model; resumes from the newest checkpoint under the dequantizer's directory. Returns the final
-  (replicated) state."""
-  check_config(config, workdir)
+  (replicated) state. check=False skips config_checks.validate_config when the caller has run it
+  (main.py)."""
+  if check:
+    import config_checks
+    config_checks.validate_config(config, 'train_deq', workdir)
   import datasets
   from models import flowpp
 

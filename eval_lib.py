@@ -226,13 +226,15 @@ def _read_only_ckpt_dir(directory):
     logger.removeFilter(quiet)
 
 
-def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
+def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
   """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints (EMA params):
   eval loss (eval.enable_loss), bits/dim by the probability-flow ODE or the variational bound
   (eval.enable_bpd, eval.bound) and IS/FID/KID of samples (eval.enable_sampling). Results go to
   workdir/eval_folder (layout in the module docstring); pre-emption safe (rerun to resume).
+  check=False skips config_checks.validate_config when the caller has run it (main.py).
   """
-  config_checks.validate_config(config, 'eval', workdir)
+  if check:
+    config_checks.validate_config(config, 'eval', workdir)
   import datasets
   import evaluation
   import sampling

@@ -46,27 +46,13 @@ REMAT_POLICIES = {
 }
 
 
-def _check_loss_options(score_matching_order, reduce_mean, loss_weights):
-  """One-line ValueErrors for an unknown order, orders 2/3 without reduce_mean, and loss_weights
-  that are not three numbers (LossOptions runs it once, on construction)."""
-  if score_matching_order not in ORDERS:
-    raise ValueError(f'Unsupported score_matching_order {score_matching_order!r}: set '
-                     'config.training.score_matching_order to 1, 2 or 3.')
-  if score_matching_order > 1 and not reduce_mean:
-    raise ValueError(f'score_matching_order {score_matching_order} needs reduce_mean (its '
-                     'losses are normalised per dimension): set '
-                     'config.training.reduce_mean = True.')
-  if len(tuple(loss_weights)) != 3:
-    raise ValueError(f'loss_weights must hold 3 numbers (orders 1, 2, 3), got {loss_weights!r}: '
-                     'set config.training.loss_weights = (1., 1., 1.).')
-
-
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
-  """Every option of the DSM loss and of the train/eval step, validated once on construction.
+  """Every option of the DSM loss and of the train/eval step, validated on construction (the
+  one place these options are checked: config_checks.validate_config builds one from the config).
 
-  One value travels get_step_fn -> get_sde_loss_fn -> get_loss_from_score_fn ->
-  score_matching_losses in place of their loose keywords. Defaults are get_step_fn's (score_sde).
+  How every factory here is configured (score_sde's get_sde_loss_fn and get_step_fn build one
+  from their keywords). Defaults are get_step_fn's (score_sde).
   """
   reduce_mean: bool = False
   continuous: bool = True
@@ -84,12 +70,20 @@ class LossOptions:
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_weights', tuple(self.loss_weights))  # hashable, as configs
-    _check_loss_options(self.score_matching_order, self.reduce_mean, self.loss_weights)
+    order = self.score_matching_order
+    if order not in ORDERS:
+      raise ValueError(f'training.score_matching_order is {order!r}: set '
+                       '--config.training.score_matching_order to 1, 2 or 3.')
+    if order > 1 and not self.reduce_mean:
+      raise ValueError(f'Order-{order} score matching needs training.reduce_mean=True (the losses '
+                       'are normalised per dimension): add --config.training.reduce_mean=True.')
+    if len(self.loss_weights) != 3:
+      raise ValueError(f'training.loss_weights has {len(self.loss_weights)} entries: give three '
+                       '(order 1, 2, 3), e.g. --config.training.loss_weights="(1.,1.,1.)".')
     if self.nonfinite not in NONFINITE_MODES:
-      raise ValueError(f"Unknown nonfinite mode {self.nonfinite!r}: set config.training.nonfinite "
-                       "to 'stop' or 'skip'.")
+      raise ValueError(f"training.nonfinite is '{self.nonfinite}': set it to 'stop' or 'skip'.")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"Unknown remat policy {self.remat!r}: set config.training.remat to one of "
+      raise ValueError(f"training.remat is '{self.remat}': set --config.training.remat to one of "
                        f"{', '.join(REMAT_POLICIES)}.")
     if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
       raise ValueError(f'training.n_microbatches is {self.n_microbatches!r}: set it to 1 (no '
@@ -108,11 +102,6 @@ class LossOptions:
                n_microbatches=t.get('n_microbatches', 1), remat=t.get('remat', 'none'))
 
 
-def _resolve_options(options, **loose):
-  """`options` when given, else a LossOptions of the loose keywords (the public signatures')."""
-  return options if options is not None else LossOptions(**loose)
-
-
 def _first_order_losses(sde, data, t, z, std, score, options):
   """Per-example order-1 DSM loss of `score`, g(t)^2-weighted with likelihood weighting and
   uniform time (importance-sampled time carries the weight in its density instead)."""
@@ -123,24 +112,19 @@ def _first_order_losses(sde, data, t, z, std, score, options):
   return reduce_op(flat(jnp.square(batch_mul(score, std) + z)), axis=-1)
 
 
-def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, score_matching_order=1,
-                          reduce_mean=True, likelihood_weighting=False, importance_weighting=False,
-                          exact_jacobian=False, options=None):
+def score_matching_losses(sde, score_fn, data, t, z, v=None, rng=None, options=None):
   """Per-example DSM losses of orders 1..score_matching_order at given t, z and probe v.
 
   score_fn(x, t, rng=None) -> (score, new_model_state); one that carries derivatives(x, t, order,
   rng=None) (models.utils.get_score_fn of a model with its own pass) gives high_order the exact
   x-derivatives by that pass. `data` is the clean batch (B, ...), `t`
   (B,), `z` the DSM noise (shape of data), `v` the Rademacher probe (orders 2 and 3 without
-  exact_jacobian). `options` (a LossOptions) replaces the loose keywords. Returns (losses1,
+  exact_jacobian). `options`: a LossOptions (default LossOptions()). Returns (losses1,
   losses2, losses3, new_model_state), each loss of shape (B,); unused orders are zeros. Orders 2
   and 3 return new_model_state = None (the caller keeps the incoming state, as the original).
   The loss formulas are in the module docstring.
   """
-  options = _resolve_options(
-    options, score_matching_order=score_matching_order, reduce_mean=reduce_mean,
-    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
-    exact_jacobian=exact_jacobian)
+  options = options or LossOptions()
   order = options.score_matching_order
   dim = int(np.prod(data.shape[1:]))
   if options.exact_jacobian and dim > MAX_EXACT_JACOBIAN_DIM:
@@ -213,22 +197,16 @@ def remat_score_fn(score_fn, remat):
   return remat_fn
 
 
-def get_loss_from_score_fn(sde, reduce_mean=True, likelihood_weighting=True,
-                           importance_weighting=True, eps=1e-5, score_matching_order=1,
-                           loss_weights=(1., 1., 1.), exact_jacobian=False, options=None):
+def get_loss_from_score_fn(sde, options=None):
   """loss_fn(rng, score_fn, states, batch) -> (loss, (new_model_state, loss1, loss2, loss3)).
 
   The body of get_sde_loss_fn for a given score_fn(x, t, rng=None) -> (score, new_state): draws
-  t (uniform on [eps, T], or importance-sampled with likelihood and importance weighting), the
-  DSM noise z and the Rademacher probe v, and averages score_matching_losses over the batch.
-  loss1..loss3 are unweighted batch means; loss = w1 loss1 + w2 loss2 + w3 loss3. `options` (a
-  LossOptions) replaces the loose keywords (eps is its smallest_time).
+  t (uniform on [smallest_time, T], or importance-sampled with likelihood and importance
+  weighting), the DSM noise z and the Rademacher probe v, and averages score_matching_losses over
+  the batch. loss1..loss3 are unweighted batch means; loss = w1 loss1 + w2 loss2 + w3 loss3.
+  `options`: a LossOptions (default LossOptions()).
   """
-  options = _resolve_options(
-    options, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
-    importance_weighting=importance_weighting, smallest_time=eps,
-    score_matching_order=score_matching_order, loss_weights=loss_weights,
-    exact_jacobian=exact_jacobian)
+  options = options or LossOptions()
 
   def loss_fn(rng, score_fn, states, batch):
     data = batch['image']
@@ -299,23 +277,28 @@ def get_loss_and_grad_fn(sde, model, train, options, grad=True):
   return fn
 
 
-def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likelihood_weighting=True,
-                    importance_weighting=True, eps=1e-5, score_matching_order=1,
-                    loss_weights=(1., 1., 1.), exact_jacobian=False, options=None):
+def get_loss_fn(sde, model, train, options):
   """loss_fn(rng, params, states, batch) -> (loss, (new_model_state, loss1, loss2, loss3)).
 
   The score of `model` comes from models.utils.get_score_fn (score_sde conventions); batch['image']
-  is (B, ...) (images or flat vectors). Orders 2 and 3 need reduce_mean; exact_jacobian needs
-  dim <= 2 (checked when the batch is seen). `options` (a LossOptions) replaces the loose
-  keywords; its n_microbatches and remat apply. See the module docstring for the formulas.
+  is (B, ...) (images or flat vectors). `options`: a LossOptions (its n_microbatches and remat
+  apply). Orders 2 and 3 need reduce_mean; exact_jacobian needs dim <= 2 (checked when the batch
+  is seen). See the module docstring for the formulas.
   """
-  options = _resolve_options(
-    options, reduce_mean=reduce_mean, continuous=continuous,
-    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
-    smallest_time=eps, score_matching_order=score_matching_order, loss_weights=loss_weights,
-    exact_jacobian=exact_jacobian)
   fn = get_loss_and_grad_fn(sde, model, train, options, grad=False)
   return lambda rng, params, states, batch: fn(rng, params, states, batch)[0]
+
+
+def get_sde_loss_fn(sde, model, train, reduce_mean=True, continuous=True, likelihood_weighting=True,
+                    importance_weighting=True, eps=1e-5, score_matching_order=1,
+                    loss_weights=(1., 1., 1.), exact_jacobian=False):
+  """score_sde's (and score_flow's) entry point, with their defaults: get_loss_fn with the
+  LossOptions of these keywords (eps is smallest_time)."""
+  return get_loss_fn(sde, model, train, LossOptions(
+    reduce_mean=reduce_mean, continuous=continuous, likelihood_weighting=likelihood_weighting,
+    importance_weighting=importance_weighting, smallest_time=eps,
+    score_matching_order=score_matching_order, loss_weights=loss_weights,
+    exact_jacobian=exact_jacobian))
 
 
 def all_finite(tree):
@@ -327,15 +310,25 @@ def all_finite(tree):
 def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuous=True,
                 likelihood_weighting=False, importance_weighting=False, smallest_time=1e-5,
                 score_matching_order=1, loss_weights=(1., 1., 1.), exact_jacobian=False,
-                ema_rate=0.999, ema_start=0, nonfinite='stop', options=None):
+                ema_rate=0.999, ema_start=0, nonfinite='stop'):
+  """score_sde's entry point, with its defaults: get_train_step_fn with the LossOptions of these
+  keywords."""
+  return get_train_step_fn(sde, model, train, optimize_fn, LossOptions(
+    reduce_mean=reduce_mean, continuous=continuous, likelihood_weighting=likelihood_weighting,
+    importance_weighting=importance_weighting, smallest_time=smallest_time,
+    score_matching_order=score_matching_order, loss_weights=loss_weights,
+    exact_jacobian=exact_jacobian, ema_rate=ema_rate, ema_start=ema_start, nonfinite=nonfinite))
+
+
+def get_train_step_fn(sde, model, train, optimize_fn, options):
   """step_fn(state, batch) -> (new_state, metrics) for one training or evaluation step.
 
-  The training loop scans step_fn with jax.lax.scan over config.training.n_jitted_steps batches
-  inside one jax.jit; data parallelism comes from the jit shardings of the batch (the loss and
-  gradient are over the global batch; no pmap or pmean here).
+  The training loop runs config.training.n_jitted_steps of them per call (parallel.py); data
+  parallelism comes from the jit shardings of the batch (the loss and gradient are over the
+  global batch; no pmap or pmean here). `options`: a LossOptions (LossOptions.from_config).
 
   Train: value_and_grad of the loss on state.params, the optax update `optimize_fn` (from
-  get_optimizer), the EMA params_ema <- ema_rate params_ema + (1 - ema_rate) params (a copy of the
+  optim.get_optimizer), the EMA params_ema <- ema_rate params_ema + (1 - ema_rate) params (a copy of the
   params while state.step < ema_start; toy.py's "EMA after 500 iterations" is ema_start = 501),
   a fresh rng split from state.rng, step + 1. When the loss or a gradient is not finite:
   'skip' keeps params, opt_state, model_state and params_ema, and advances step, rng and
@@ -345,14 +338,7 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
   Eval (train=False): the loss of params_ema; the state is returned unchanged except its rng,
   which advances so that successive eval batches draw fresh t, z and v.
   metrics: 'loss', 'loss1', 'loss2', 'loss3' (unweighted terms) and 'finite' (bool).
-  `options` (a LossOptions, e.g. LossOptions.from_config(config)) replaces the loose keywords.
   """
-  options = _resolve_options(
-    options, reduce_mean=reduce_mean, continuous=continuous,
-    likelihood_weighting=likelihood_weighting, importance_weighting=importance_weighting,
-    smallest_time=smallest_time, score_matching_order=score_matching_order,
-    loss_weights=loss_weights, exact_jacobian=exact_jacobian, ema_rate=ema_rate,
-    ema_start=ema_start, nonfinite=nonfinite)
   if not options.continuous:  # the loss alone takes discrete labels (score_sde); the step does not
     raise ValueError(f'Discrete-time training of {sde.__class__.__name__} is not supported: set '
                      'config.training.continuous = True.')
@@ -392,7 +378,7 @@ def get_step_fn(sde, model, train, optimize_fn=None, reduce_mean=False, continuo
 
 
 # ----------------------------------------------------------------------------------------------
-# Variational dequantization (score_flow): get_dequantization_loss_fn goes here (another task).
+# Variational dequantization (score_flow)
 # ----------------------------------------------------------------------------------------------
 
 

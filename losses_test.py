@@ -48,9 +48,9 @@ def gaussian_score_fn(sde, theta):
 def mc_gradient_fn(sde, exact, likelihood_weighting, reps=64, batch=256):
   """theta -> per-replicate gradients of (loss1, loss2, loss3) w.r.t. theta, (reps, 3, 4); the
   replicates use the same random numbers for every theta (paired comparisons)."""
-  loss_fn = losses.get_loss_from_score_fn(
-    sde, reduce_mean=True, likelihood_weighting=likelihood_weighting,
-    importance_weighting=likelihood_weighting, score_matching_order=3, exact_jacobian=exact)
+  loss_fn = losses.get_loss_from_score_fn(sde, losses.LossOptions(
+    reduce_mean=True, likelihood_weighting=likelihood_weighting,
+    importance_weighting=likelihood_weighting, score_matching_order=3, exact_jacobian=exact))
 
   def terms(theta, rng):
     data_rng, loss_rng = jax.random.split(rng)
@@ -146,7 +146,8 @@ def _numpy_truth(sde, single, data, t, z):
 
 def _losses(sde, score_fn, data, t, z, v, order, exact):
   fn = jax.jit(lambda data, t, z, v: losses.score_matching_losses(
-    sde, score_fn, data, t, z, v, score_matching_order=order, exact_jacobian=exact)[:3])
+    sde, score_fn, data, t, z, v,
+    options=losses.LossOptions(reduce_mean=True, score_matching_order=order, exact_jacobian=exact))[:3])
   return tuple(np.asarray(x, np.float64) for x in fn(data, t, z, v))
 
 
@@ -166,8 +167,8 @@ def test_jvp_and_exact_losses_match_jacobian_formulas_2d(name):
   np.testing.assert_allclose(l2x2, l2x, rtol=1e-6)
   # JVP mode for each of the 4 sign vectors against |A v|^2/d^2 + (v^T A v / d)^2, |X(v)|^2/d^3.
   l2_all, l3_all = [], []
-  jvp_fn = jax.jit(lambda v: losses.score_matching_losses(sde, score_fn, data, t, z, v,
-                                                          score_matching_order=3)[1:3])
+  jvp_fn = jax.jit(lambda v: losses.score_matching_losses(
+    sde, score_fn, data, t, z, v, options=losses.LossOptions(reduce_mean=True, score_matching_order=3))[1:3])
   for i, v in enumerate(truth[0]['signs']):
     vb = jnp.broadcast_to(jnp.asarray(v, jnp.float32), data.shape)
     l2, l3 = (np.asarray(x, np.float64) for x in jvp_fn(vb))
@@ -235,8 +236,9 @@ def test_parameter_gradients_flow_only_through_the_highest_order_quantity(exact,
   v = None if exact else jax.random.rademacher(jax.random.PRNGKey(12), data.shape, jnp.float32)
 
   def ours(th):
-    l1, l2, l3, _ = losses.score_matching_losses(sde, score_fn(th), data, t, z, v,
-                                                 score_matching_order=3, exact_jacobian=exact)
+    l1, l2, l3, _ = losses.score_matching_losses(
+      sde, score_fn(th), data, t, z, v,
+      options=losses.LossOptions(reduce_mean=True, score_matching_order=3, exact_jacobian=exact))
     return jnp.stack([l1.mean(), l2.mean(), l3.mean()])
 
   mean, std = sde.marginal_prob(data, t)
@@ -285,9 +287,8 @@ def test_one_dimensional_jvp_loss_is_exact(order):
   batch = {'image': jnp.linspace(-1., 1., 8)[:, None]}
   out = {}
   for exact in (False, True):
-    loss_fn = losses.get_loss_from_score_fn(sde, likelihood_weighting=False,
-                                            importance_weighting=False,
-                                            score_matching_order=order, exact_jacobian=exact)
+    loss_fn = losses.get_loss_from_score_fn(sde, losses.LossOptions(
+      reduce_mean=True, score_matching_order=order, exact_jacobian=exact))
     out[exact] = jax.jit(lambda b: loss_fn(jax.random.PRNGKey(0), score_fn, {}, b)[1])(batch)
   np.testing.assert_allclose(out[False][1], out[True][1], rtol=1e-6)
   np.testing.assert_allclose(out[False][2], 2 * out[True][2], rtol=1e-5)
@@ -301,7 +302,9 @@ def test_loss_weights_and_image_shapes():
   score_flat = lambda x, t, rng=None: (jnp.sin(x) * (1 + t[:, None]) - x, {})
   img = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
   w = (0.7, 0.5, 0.1)
-  fi = losses.get_loss_from_score_fn(sde, score_matching_order=3, loss_weights=w)
+  fi = losses.get_loss_from_score_fn(sde, losses.LossOptions(
+    reduce_mean=True, likelihood_weighting=True, importance_weighting=True,
+    score_matching_order=3, loss_weights=w))
   run = lambda score_fn, x: jax.jit(lambda x: fi(jax.random.PRNGKey(1), score_fn, {},
                                                   {'image': x}))(x)
   loss_i, (_, *terms_i) = run(score_img, img)
@@ -315,8 +318,9 @@ def test_loss_weights_and_image_shapes():
 # Likelihood weighting: importance-sampled time vs uniform time with g^2 weights.
 # ---------------------------------------------------------------------------------------------
 def _order1(sde, importance, eps, reps, batch, seed=0):
-  loss_fn = losses.get_loss_from_score_fn(sde, likelihood_weighting=True,
-                                          importance_weighting=importance, eps=eps)
+  loss_fn = losses.get_loss_from_score_fn(sde, losses.LossOptions(
+    reduce_mean=True, likelihood_weighting=True, importance_weighting=importance,
+    smallest_time=eps))
   score_fn = lambda x, t, rng=None: (-x, {})  # wrong on purpose
 
   def one(rng):
@@ -413,12 +417,12 @@ def test_cosine_schedule_closed_form(warmup):
   constant = optim.get_lr_schedule(config)  # a plain number without warm-up
   np.testing.assert_allclose(float(constant(20) if callable(constant) else constant), 0.1)
   config.optim.schedule = 'linear'
-  with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+  with pytest.raises(ValueError, match="schedule to one of constant, cosine"):
     optim.get_optimizer(config)
 
 
 def test_optimizer_rejects_unknown_name():
-  with pytest.raises(ValueError, match="optim.optimizer = 'Adam'"):
+  with pytest.raises(ValueError, match="set --config.optim.optimizer=Adam"):
     optim.get_optimizer(_optim_config(optimizer='SGD'))
 
 
@@ -525,8 +529,8 @@ def test_scanned_steps_equal_sequential_steps():
 
 
 def test_loss_options_from_config_give_the_step_of_the_loose_keywords():
-  """LossOptions.from_config reads config.training and config.model (ema_rate, ema_start) as
-  run_lib did with loose keywords: the same options, and a step with the same state and metrics."""
+  """LossOptions.from_config reads config.training and config.model (ema_rate, ema_start): the
+  options of get_step_fn's keywords, and the same step (state and metrics)."""
   config = mog1d_ve_config()
   t = config.training
   t.score_matching_order, t.smallest_time, t.nonfinite = 2, 1e-3, 'skip'
@@ -541,9 +545,7 @@ def test_loss_options_from_config_give_the_step_of_the_loose_keywords():
   assert options == losses.LossOptions(**loose)
   _, state = _setup()
   sde, model, tx = VE(), TinyScore(), optim.get_optimizer(_optim_config(warmup=0, lr=1e-2))
-  # options replaces the loose keywords: reduce_mean=False alone would reject order 2.
-  from_config = losses.get_step_fn(sde, model, True, optimize_fn=tx, reduce_mean=False,
-                                   options=options)
+  from_config = losses.get_train_step_fn(sde, model, True, tx, options)
   from_loose = losses.get_step_fn(sde, model, True, optimize_fn=tx, **loose)
   new_config, metrics_config = jax.jit(from_config)(state, BATCH)
   new_loose, metrics_loose = jax.jit(from_loose)(state, BATCH)
@@ -557,22 +559,24 @@ def test_loss_options_from_config_give_the_step_of_the_loose_keywords():
 def test_bad_options_raise_one_line_value_errors():
   sde = VP()
   with pytest.raises(ValueError, match='score_matching_order to 1, 2 or 3'):
-    losses.get_loss_from_score_fn(sde, score_matching_order=4)
+    losses.LossOptions(reduce_mean=True, score_matching_order=4)
   for order in (2, 3):
-    with pytest.raises(ValueError, match='reduce_mean = True'):
+    with pytest.raises(ValueError, match='reduce_mean=True'):
       losses.get_sde_loss_fn(sde, TinyScore(), True, reduce_mean=False,
                              score_matching_order=order)
   with pytest.raises(ValueError, match='loss_weights'):
-    losses.get_loss_from_score_fn(sde, loss_weights=(1., 1.))
-  with pytest.raises(ValueError, match="nonfinite to 'stop' or 'skip'"):
+    losses.LossOptions(loss_weights=(1., 1.))
+  with pytest.raises(ValueError, match="nonfinite is 'ignore': set it to 'stop' or 'skip'"):
     losses.get_step_fn(sde, TinyScore(), True, optimize_fn=None, nonfinite='ignore')
   with pytest.raises(ValueError, match='continuous = True'):
     losses.get_step_fn(sde, TinyScore(), True, continuous=False)
   with pytest.raises(ValueError, match='score_matching_order to 1, 2 or 3'):
     losses.LossOptions(score_matching_order=0)
-  with pytest.raises(ValueError, match="nonfinite to 'stop' or 'skip'"):
+  with pytest.raises(ValueError, match="nonfinite is 'ignore': set it to 'stop' or 'skip'"):
     losses.LossOptions(nonfinite='ignore')
-  loss_fn = losses.get_loss_from_score_fn(sde, score_matching_order=2, exact_jacobian=True)
+  loss_fn = losses.get_loss_from_score_fn(sde, losses.LossOptions(
+    reduce_mean=True, likelihood_weighting=True, importance_weighting=True,
+    score_matching_order=2, exact_jacobian=True))
   with pytest.raises(ValueError, match='exact_jacobian = False'):
     loss_fn(jax.random.PRNGKey(0), lambda x, t, rng=None: (-x, {}), {},
             {'image': jnp.zeros((2, 3))})

@@ -11,8 +11,8 @@ def get_lr_schedule(config):
   optim = config.optim
   kind = optim.get('schedule', 'constant')
   if kind not in LR_SCHEDULES:
-    raise ValueError(f"Unknown learning-rate schedule {kind!r}: set config.optim.schedule to "
-                     "'constant' or 'cosine'.")
+    raise ValueError(f"optim.schedule is '{kind}': set --config.optim.schedule to one of "
+                     f"{', '.join(LR_SCHEDULES)}.")
   warmup = max(int(optim.warmup), 0)
   if kind == 'constant':
     return optax.linear_schedule(0., optim.lr, warmup) if warmup else optim.lr
@@ -21,7 +21,8 @@ def get_lr_schedule(config):
 
 
 def get_optimizer(config):
-  """Adam as score_sde's flax.optim.Adam + optimization_manager, in optax.
+  """Adam as score_sde's flax.optim.Adam + optimization_manager, in optax (a one-line ValueError
+  for an optimizer or schedule it does not have; config_checks builds one to check a config).
 
   - the learning rate of get_lr_schedule: lr * min(step / warmup, 1) (step = updates applied so
     far, so the first update has lr 0, as the original), constant after it or cosine-decayed.
@@ -32,8 +33,8 @@ def get_optimizer(config):
   """
   optim = config.optim
   if optim.optimizer != 'Adam':
-    raise ValueError(f"Optimizer '{optim.optimizer}' is not supported: set "
-                     "config.optim.optimizer = 'Adam'.")
+    raise ValueError(f"optim.optimizer is '{optim.optimizer}': only 'Adam' is supported; "
+                     "set --config.optim.optimizer=Adam.")
   schedule = get_lr_schedule(config)
   tx = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
                    weight_decay=optim.weight_decay)

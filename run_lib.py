@@ -18,17 +18,18 @@ from train_lib import NonFiniteError, build_state, train
 __all__ = ['train', 'evaluate', 'train_deq', 'fid_stats', 'build_state', 'NonFiniteError']
 
 
-def train_deq(config, workdir, deq_workdir):
+def train_deq(config, workdir, deq_workdir, check=True):
   """Train the Flow++ variational dequantizer for the score model of workdir (deq_lib.py)."""
-  return deq_lib.train_deq(config, workdir, deq_workdir)
+  return deq_lib.train_deq(config, workdir, deq_workdir, check=check)
 
 
-def fid_stats(config, workdir):
+def fid_stats(config, workdir, check=True):
   """Inception pool_3 statistics of the training split -> config.eval.stats_dir/<name>_stats.npz
   (layout.stats_path), the file that eval.enable_sampling compares samples with. Refuses to
   replace an existing file unless eval.overwrite_stats. Run it as a single process."""
   del workdir  # the stats belong to the dataset, not to a run
-  config_checks.validate_config(config, 'fid_stats')
+  if check:
+    config_checks.validate_config(config, 'fid_stats')
   import evaluation
   e = config.eval
   inception = evaluation.get_inception_model(e.inception_handle)

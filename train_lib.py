@@ -47,11 +47,11 @@ def build_state(config, rng):
 
 
 def get_step_fns(config, sde, model, tx):
-  """(train_step_fn, eval_step_fn) of losses.get_step_fn for this config and optimizer tx."""
+  """(train_step_fn, eval_step_fn) of losses.get_train_step_fn for this config and optimizer tx."""
   import losses
   options = losses.LossOptions.from_config(config)
-  return (losses.get_step_fn(sde, model, train=True, optimize_fn=tx, options=options),
-          losses.get_step_fn(sde, model, train=False, optimize_fn=tx, options=options))
+  return (losses.get_train_step_fn(sde, model, True, tx, options),
+          losses.get_train_step_fn(sde, model, False, tx, options))
 
 
 def params_checksum(params):
@@ -284,15 +284,17 @@ def check_restore_from(config, workdir):
   restore_from.check_fits(t.restore_from, target, t.get('restore_optimizer', True), t.n_iters)
 
 
-def train(config, workdir, progress_desc='train', progress_position=None):
+def train(config, workdir, progress_desc='train', progress_position=None, check=True):
   """Trains the score model of config in workdir; resumes from its latest good checkpoint.
 
   progress_desc / progress_position: the label and terminal row of the tqdm bar (callers that
   train several stages side by side give each its own row). Without a checkpoint in workdir and
   with config.training.restore_from set, fine-tunes from that checkpoint (ours or a legacy
   score_sde / score_flow msgpack): its params, EMA params and model state, a fresh optimizer.
+  check=False skips config_checks.validate_config when the caller has run it (main.py).
   """
-  config_checks.validate_config(config, 'train', workdir)
+  if check:
+    config_checks.validate_config(config, 'train', workdir)
   import datasets
   import sampling
   import sde_lib
