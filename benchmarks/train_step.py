@@ -152,7 +152,7 @@ def seed_formulation(sde, model, train, reduce_mean=True, continuous=True,
 # Ways of taking the exact derivatives of the toy losses (s, J, grad_x tr J), D <= 2.
 # ------------------------------------------------------------------------------------------------
 def _derivs_vmap(fn, x, order):
-  """The previous code: J from vmapped tangents, grad tr J by reverse mode over them."""
+  """J from vmapped tangents, grad tr J by reverse mode over them."""
   b, d = x.shape
   basis = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype)[:, None, :], (d, b, d))
 

@@ -80,7 +80,7 @@ def get_base_config():
   evaluate.atol = 1e-5
   evaluate.hutchinson_type = 'Rademacher'
   evaluate.likelihood_solver = 'jax'  # 'jax' (jitted Dormand-Prince) or 'scipy' (the original)
-  evaluate.enable_ode_score = False  # NEW: the ScoreODE score gap diagnostic (issue 9)
+  evaluate.enable_ode_score = False  # NEW: the ScoreODE score gap diagnostic (ode_score.py)
   evaluate.ode_score_nt = 100
   evaluate.wait_for_ckpt = False  # NEW: wait for training to write missing checkpoints
   evaluate.wait_timeout = 86400.  # NEW: seconds to wait for one checkpoint (0: forever)
@@ -116,6 +116,7 @@ def get_base_config():
   data.num_channels = 3
   data.path = ''  # NEW: .npz file for dataset 'NPZ', or a local ImageNet32 directory
   data.tfds_dir = ''  # NEW: TFDS data_dir ('' = TFDS default)
+  data.num_bits = 8  # NEW: bits per pixel of the images (bits/dim offset, dequantization bins)
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'
