@@ -36,6 +36,10 @@ def define_flags(flag_values, argv=None):
                       'Multi-host: host:port of process 0 for jax.distributed.initialize.', **fv)
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', **fv)
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.', **fv)
+  flags.DEFINE_bool('distributed', False,
+                    'Multi-host: jax.distributed.initialize() from the cluster environment (Cloud '
+                    'TPU, SLURM, Open MPI, Kubernetes) when no --coordinator_address is given.',
+                    **fv)
   flags.mark_flags_as_required(['workdir', 'config', 'mode'], **fv)
 
 
@@ -167,6 +171,13 @@ def run(fv):
   if fv.coordinator_address:
     jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                num_processes=fv.num_processes, process_id=fv.process_id)
+  elif fv.distributed:
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      fail(f'--distributed found no cluster to join ({str(e).splitlines()[0]}): run it under '
+           'SLURM / Cloud TPU / Open MPI, or give --coordinator_address, --num_processes and '
+           '--process_id.')
 
   import config_checks
   workdir, mode = fv.workdir, fv.mode
