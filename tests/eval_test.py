@@ -21,7 +21,7 @@ import pytest
 import config_checks
 import evaluation
 from configs.tiny.digits_ddpmpp import get_config
-from conftest import CONFIG, ROOT, SMALL, main_env, ok, run_main
+from harness import CONFIG, ROOT, SMALL, main_env, ok, run_main
 from evaluation_test import _FakeInception
 
 POOL_W = np.random.RandomState(5).randn(3, 16).astype(np.float32)

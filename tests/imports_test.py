@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 470
 
 
@@ -14,8 +14,7 @@ def _modules():
   out = {}
   for folder, prefix in ((ROOT, ''), (os.path.join(ROOT, 'models'), 'models.')):
     for f in os.listdir(folder):
-      if f.endswith('.py') and not f.endswith('_test.py') and f not in ('conftest.py',
-                                                                         '__init__.py'):
+      if f.endswith('.py') and not f.endswith('_test.py') and f != '__init__.py':
         out[prefix + f[:-3]] = os.path.join(folder, f)
   return out
 
