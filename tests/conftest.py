@@ -7,6 +7,8 @@ import shutil
 import pytest
 
 from harness import ok, run_main, train_args
+
+
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory):
   """Order-1 run: 4 steps, checkpoints every 2, eval every 2, logging every step.
