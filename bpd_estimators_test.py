@@ -10,7 +10,7 @@ import scipy.stats
 
 import config_checks
 import eval_parts
-import layout
+import names
 import patterns_data
 import sde_lib
 from configs.tiny.patterns_ddpmpp import get_config
@@ -78,7 +78,7 @@ def test_truncated_normal_dequantizer_density_is_truncnorm(bits):
 
 
 def test_dequantizer_names_and_bad_values_refused_in_one_line():
-  assert [layout.dequantizer_name(v) for v in (False, True, 'uniform', 'flowpp')] == [
+  assert [names.dequantizer_name(v) for v in (False, True, 'uniform', 'flowpp')] == [
     'uniform', 'flowpp', 'uniform', 'flowpp']
   for field, value, msg in (('dequantizer', 'gaussian', 'eval.dequantizer'),
                             ('num_deq_samples', 0, 'num_deq_samples')):

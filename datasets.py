@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 import utils
+from names import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 from patterns_data import pattern_arrays
 from toy_data import sample_toy, toy_dim
-from layout import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 
 tf = utils.import_tensorflow()
 with utils.quiet_native_stderr():

@@ -32,12 +32,12 @@ import numpy as np
 import optax
 
 import checkpoints
-import layout
 import likelihood
+import names
 import optim
 import parallel
 import train_lib
-from layout import deq_dir_of
+from names import deq_dir_of
 
 
 def get_deq_optimizer(config):
@@ -58,7 +58,7 @@ def check_config(config, workdir=None):
     raise ValueError(f'deq.n_iters is {deq.n_iters}: set --config.deq.n_iters to 1 or more.')
   if not 0. <= deq.ema_rate < 1.:
     raise ValueError(f'deq.ema_rate is {deq.ema_rate}: set --config.deq.ema_rate in [0, 1).')
-  if layout.is_toy(config):
+  if names.is_toy(config):
     raise ValueError(f'dequantization needs 8-bit images; {config.data.dataset} is a toy '
                      'dataset: use an image config.')
   t = config.training
@@ -76,10 +76,10 @@ def check_config(config, workdir=None):
 def _score_checkpoint(config, workdir):
   """workdir/checkpoints/checkpoint_{eval.ckpt_id}, or FileNotFoundError naming the field."""
   number = config.eval.ckpt_id
-  path = layout.checkpoint_path(workdir, number)
+  path = names.checkpoint_path(workdir, number)
   if not os.path.isdir(path):
-    root = os.path.join(workdir, layout.CHECKPOINTS)
-    have = layout.checkpoint_numbers(root)
+    root = os.path.join(workdir, names.CHECKPOINTS)
+    have = names.checkpoint_numbers(root)
     held = ', '.join(f'checkpoint_{n}' for n in have) or 'none: train the score model first'
     raise FileNotFoundError(f"score checkpoint '{path}' not found ({root} holds {held}): set "
                             '--config.eval.ckpt_id to the score checkpoint to train the '
@@ -93,7 +93,7 @@ def load_score_model(config, workdir, mesh):
   import sde_lib
   number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
-  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, layout.CHECKPOINTS), create=False)
+  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   state = parallel.replicate(state, mesh)
   try:
@@ -241,8 +241,8 @@ def load_dequantizer(config, workdir, deq_folder='deq', number=None):
   """(deq_model, EMA params, path) of the newest dequantizer checkpoint under the dequantizer's
   directory (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
   deq_dir = deq_dir_of(workdir, deq_folder)
-  ckpt_root = os.path.join(deq_dir, layout.CHECKPOINTS)
-  meta_root = os.path.join(deq_dir, layout.CHECKPOINTS_META)
+  ckpt_root = os.path.join(deq_dir, names.CHECKPOINTS)
+  meta_root = os.path.join(deq_dir, names.CHECKPOINTS_META)
   dirs = [checkpoints.CheckpointDir(d, create=False) for d in (meta_root, ckpt_root)
           if os.path.isdir(d)]
   if not dirs:

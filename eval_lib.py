@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import checkpoints
 import config_checks
 import eval_parts
-import layout
+import names
 import parallel
 import train_lib
 from eval_parts import load_npz, save_npz, write_text
@@ -45,7 +45,7 @@ def _wait_for_checkpoint(config, workdir, ckpt, is_main):
   """workdir/checkpoints/checkpoint_<ckpt>: fail fast if missing, or with eval.wait_for_ckpt poll
   every eval.wait_poll s for at most eval.wait_timeout s (0: forever)."""
   e = config.eval
-  path = layout.checkpoint_path(workdir, ckpt)
+  path = names.checkpoint_path(workdir, ckpt)
   if os.path.isdir(path):
     return path
   if not e.wait_for_ckpt:
@@ -76,7 +76,7 @@ def _eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler, 
   path = os.path.join(ckpt_dir, 'loss.npz')
   if not os.path.exists(path):
     state = get_state()
-    deq = config.data.uniform_dequantization and not layout.is_toy(config)
+    deq = config.data.uniform_dequantization and not names.is_toy(config)
     rows = []
     for i, batch in enumerate(eval_ds):
       images = parallel.to_numpy(batch['image'])
@@ -177,7 +177,7 @@ def _eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools, get_
   the first num_samples against the dataset stats."""
   import evaluation
   e = config.eval
-  sdir = os.path.join(ckpt_dir, layout.SAMPLES)
+  sdir = os.path.join(ckpt_dir, names.SAMPLES)
   if is_main:
     os.makedirs(sdir, exist_ok=True)
   done = set(os.listdir(sdir)) if os.path.isdir(sdir) else set()
@@ -290,7 +290,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
     ckpt_dir = os.path.join(eval_dir, f'ckpt_{ckpt}')
     if is_main:
       os.makedirs(ckpt_dir, exist_ok=True)
-    ckpts = _read_only_ckpt_dir(os.path.join(workdir, layout.CHECKPOINTS))
+    ckpts = _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS))
     holder = {}
 
     def get_state(ckpts=ckpts, ckpt=ckpt, holder=holder, ckpt_path=ckpt_path):

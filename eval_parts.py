@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import layout
 import likelihood
+import names
 import parallel
 
 # Fields whose change alters stored eval results: a rerun into the same eval folder must match.
@@ -105,11 +105,11 @@ def get_dequantize_fn(config, workdir, deq_folder, sde=None, inverse_scaler=None
   'truncated_normal' (needs sde and inverse_scaler): truncated_normal_dequantize_fn. Flat toy
   data are used as they are.
   """
-  name = layout.dequantizer_name(config.eval.dequantizer)
+  name = names.dequantizer_name(config.eval.dequantizer)
   if name == 'flowpp':
     import deq_lib
     return deq_lib.get_dequantize_fn(config, workdir, deq_folder)
-  if layout.is_toy(config):
+  if names.is_toy(config):
     return lambda rng, x: (x, jnp.zeros(x.shape[:1], x.dtype))
   bits = likelihood.num_bits(config)
   if name == 'truncated_normal':
@@ -177,7 +177,7 @@ def get_batch_parts(config, sde, model, inverse_scaler):
   """The per-batch evaluations of the bits/dim loop (see BatchPart), in the order they run."""
   import bound_likelihood
   e = config.eval
-  images = not layout.is_toy(config)
+  images = not names.is_toy(config)
   eps = config.training.smallest_time
   parts = []
   if e.enable_bpd:

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.special
 
 import utils
-from layout import stats_filename, stats_path
+from names import stats_filename, stats_path
 
 tf = utils.import_tensorflow()
 

@@ -16,6 +16,7 @@ from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
 import configs
+import names
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +28,7 @@ def define_flags(flag_values, argv=None):
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True,
                                   sys_argv=argv, **fv)
   flags.DEFINE_string('workdir', None, 'Work directory.', **fv)
-  flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
+  flags.DEFINE_enum('mode', None, list(names.MODES),
                     'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.',
                     **fv)
   flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.', **fv)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 import checkpoints
-import layout
+import names
 
 FLAG = '--config.training.restore_from'
 
@@ -47,7 +47,7 @@ def _step_dirs(path):
   if checkpoints.checkpoint_number(path) is not None:
     return [path]
   return [os.path.join(path, f'{checkpoints.PREFIX}_{n}')
-          for n in layout.checkpoint_numbers(path)[::-1]]
+          for n in names.checkpoint_numbers(path)[::-1]]
 
 
 def _read_legacy(path):

@@ -5,7 +5,7 @@ and fid_stats. Each job lives in its own module:
   eval_lib.py    --mode eval: eval loss, bits/dim, ScoreODE diagnostics, IS/FID/KID
   deq_lib.py     --mode train_deq: the Flow++ variational dequantizer
   parallel.py    the device mesh, shardings, global batches, multi-host helpers
-  layout.py      workdir folders and file names (no TensorFlow, no JAX)
+  names.py       workdir folders and file names (no TensorFlow, no JAX)
 """
 import logging
 
@@ -25,7 +25,7 @@ def train_deq(config, workdir, deq_workdir):
 
 def fid_stats(config, workdir):
   """Inception pool_3 statistics of the training split -> config.eval.stats_dir/<name>_stats.npz
-  (layout.stats_path), the file that eval.enable_sampling compares samples with. Refuses to
+  (names.stats_path), the file that eval.enable_sampling compares samples with. Refuses to
   replace an existing file unless eval.overwrite_stats. Run it as a single process."""
   del workdir  # the stats belong to the dataset, not to a run
   config_checks.validate_config(config, 'fid_stats')

@@ -70,7 +70,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_names_module_needs_neither_tensorflow_nor_jax():
-  code = ('import sys, layout, toy_data; '
+  code = ('import sys, names, toy_data; '
           'print(sorted(m for m in ("jax", "tensorflow") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        check=True).stdout.strip()

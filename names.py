@@ -1,4 +1,5 @@
-"""Names shared by every job, without TensorFlow or JAX: dataset families, workdir folders and files.
+"""Names shared by every job, without TensorFlow or JAX: the CLI's modes, dataset families,
+dequantizer names, workdir folders and files, checkpoint and statistics paths.
 
 Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has the same layout):
   stdout.txt                    console log (process 0)
@@ -12,6 +13,7 @@ Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has t
 import os
 import re
 
+MODES = ('train', 'eval', 'train_deq', 'fid_stats')  # main.py --mode
 TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
 TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
 LOCAL_DATASETS = ('DIGITS', 'NPZ', 'PATTERNS')
