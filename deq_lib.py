@@ -37,7 +37,6 @@ import names
 import optim
 import parallel
 import train_lib
-from names import deq_dir_of
 
 
 def get_deq_optimizer(config):
@@ -154,36 +153,18 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
   return step_fn
 
 
-def _log_to_file(deq_dir):
-  """Also log to deq_dir/stdout.txt (process 0) unless a handler already writes there (main.py)."""
-  if jax.process_index() != 0:
-    return None
-  target = os.path.abspath(os.path.join(deq_dir, 'stdout.txt'))
-  root = logging.getLogger()
-  for h in root.handlers:
-    if os.path.abspath(getattr(getattr(h, 'stream', None), 'name', '') or '') == target:
-      return None
-  handler = logging.StreamHandler(open(target, 'a'))
-  handler.setFormatter(logging.Formatter(
-    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
-  root.addHandler(handler)
-  if root.level > logging.INFO or root.level == logging.NOTSET:
-    root.setLevel(logging.INFO)
-  return handler
-
-
-def train_deq(config, workdir, deq_folder='deq'):
+def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
-  model; resumes from the newest checkpoint under the dequantizer's directory. Returns the final
-  (replicated) state."""
+  model in workdir/deq_folder, logging to its stdout.txt; resumes from the newest checkpoint
+  there. Returns the final (replicated) state."""
   check_config(config, workdir)
   import datasets
   from models import flowpp
 
-  deq_dir = deq_dir_of(workdir, deq_folder)
+  deq_dir = names.deq_dir(workdir, deq_folder)
   if jax.process_index() == 0:
     os.makedirs(deq_dir, exist_ok=True)
-  handler = _log_to_file(deq_dir)
+  handler = train_lib.log_to_file(deq_dir)
   try:
     t = config.training
     mesh = parallel.make_mesh()
@@ -232,15 +213,13 @@ def train_deq(config, workdir, deq_folder='deq'):
       ckpt_dir.close()
       meta_dir.close()
   finally:
-    if handler is not None:
-      logging.getLogger().removeHandler(handler)
-      handler.close()
+    train_lib.close_log(handler)
 
 
-def load_dequantizer(config, workdir, deq_folder='deq', number=None):
-  """(deq_model, EMA params, path) of the newest dequantizer checkpoint under the dequantizer's
-  directory (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
-  deq_dir = deq_dir_of(workdir, deq_folder)
+def load_dequantizer(config, workdir, deq_folder=names.DEQ_FOLDER, number=None):
+  """(deq_model, EMA params, path) of the newest dequantizer checkpoint under workdir/deq_folder
+  (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
+  deq_dir = names.deq_dir(workdir, deq_folder)
   ckpt_root = os.path.join(deq_dir, names.CHECKPOINTS)
   meta_root = os.path.join(deq_dir, names.CHECKPOINTS_META)
   dirs = [checkpoints.CheckpointDir(d, create=False) for d in (meta_root, ckpt_root)
@@ -264,7 +243,7 @@ def load_dequantizer(config, workdir, deq_folder='deq', number=None):
   return deq_model, state.params_ema, path
 
 
-def get_dequantize_fn(config, workdir, deq_folder='deq', number=None):
+def get_dequantize_fn(config, workdir, deq_folder=names.DEQ_FOLDER, number=None):
   """dequantize_fn(rng, images) -> (y, bpd_correction).
 
   images: 8-bit images in [0, 1] (k / 255, NHWC, unscaled: as datasets.get_dataset with
@@ -299,7 +278,8 @@ def make_dequantize_fn(deq_model, params, bits=8):
   return dequantize_fn
 
 
-def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound=False, N=100):
+def compare_bpd(config, workdir, images, rng, deq_folder=names.DEQ_FOLDER, repeats=1, bound=False,
+                N=100):
   """(uniform bpd (B,), dequantized bpd (B,)) of the EMA score model checkpoint eval.ckpt_id of
   workdir on 8-bit `images` in [0, 1], averaged over `repeats` draws of the dequantization noise.
 

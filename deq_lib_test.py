@@ -17,6 +17,7 @@ import pytest
 import bound_likelihood
 import deq_lib
 import losses
+import names
 import sde_lib
 from configs.base_config import get_base_config
 from likelihood_test import Gaussian, GaussianScoreNet
@@ -156,9 +157,9 @@ def test_deq_optimizer_and_dirs():
     lrs.append(float(jnp.abs(updates['w'][0])))
   np.testing.assert_allclose(lrs, [0., 0.125, 0.25, 0.375, 0.5, 0.5], rtol=1e-3)
   assert config.optim.lr == 123.  # the config is not modified
-  assert deq_lib.deq_dir_of('/w', 'deq') == '/w/deq'
-  assert deq_lib.deq_dir_of('w', os.path.join('w', 'deq')) == os.path.abspath('w/deq')
-  assert deq_lib.deq_dir_of('w', '/abs/deq') == '/abs/deq'
+  assert names.deq_dir('/w', 'deq') == '/w/deq'
+  assert names.deq_dir('w', os.path.join('sub', 'deq')) == os.path.join('w', 'sub', 'deq')
+  assert names.deq_dir('w', '/abs/deq') == '/abs/deq'
   assert isinstance(tx, optax.GradientTransformation)
 
 
@@ -200,7 +201,7 @@ def test_score_checkpoint_is_the_one_eval_ckpt_id_names(tmp_path):
   assert '\n' not in msg and '--config.eval.ckpt_id' in msg and 'checkpoint_26' in msg
   assert 'holds checkpoint_1, checkpoint_2)' in msg
   with pytest.raises(FileNotFoundError, match='--config.eval.ckpt_id'):
-    deq_lib.train_deq(config, str(tmp_path), str(tmp_path / 'deq'))
+    deq_lib.train_deq(config, str(tmp_path), 'deq')
   assert not (tmp_path / 'deq').exists()
   with pytest.raises(FileNotFoundError, match='train the score model first'):
     deq_lib.load_score_model(config, str(tmp_path / 'empty'), None)

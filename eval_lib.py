@@ -226,7 +226,7 @@ def _read_only_ckpt_dir(directory):
     logger.removeFilter(quiet)
 
 
-def evaluate(config, workdir, eval_folder='eval', deq_folder='deq'):
+def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DEQ_FOLDER):
   """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints (EMA params):
   eval loss (eval.enable_loss), bits/dim by the probability-flow ODE or the variational bound
   (eval.enable_bpd, eval.bound) and IS/FID/KID of samples (eval.enable_sampling). Results go to

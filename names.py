@@ -60,13 +60,8 @@ def checkpoint_numbers(directory):
   return sorted(int(m.group(1)) for m in map(_CHECKPOINT_RE.match, names) if m)
 
 
-def deq_dir_of(workdir, deq_folder=DEQ_FOLDER):
-  """The dequantizer's directory: workdir/deq_folder, or deq_folder itself when it already lies
-  inside workdir or is absolute (main.py passes os.path.join(workdir, --deq_folder))."""
-  work = os.path.abspath(workdir)
-  path = os.path.abspath(deq_folder)
-  if os.path.isabs(deq_folder) or os.path.dirname(path) == work:
-    return path
+def deq_dir(workdir, deq_folder=DEQ_FOLDER):
+  """The dequantizer's directory: the folder deq_folder (--deq_folder) of workdir."""
   return os.path.join(workdir, deq_folder)
 
 

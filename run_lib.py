@@ -11,6 +11,7 @@ import logging
 
 import config_checks
 import deq_lib
+import names
 from eval_lib import evaluate
 from train_lib import NonFiniteError, build_state, train
 
@@ -18,9 +19,10 @@ from train_lib import NonFiniteError, build_state, train
 __all__ = ['train', 'evaluate', 'train_deq', 'fid_stats', 'build_state', 'NonFiniteError']
 
 
-def train_deq(config, workdir, deq_workdir):
-  """Train the Flow++ variational dequantizer for the score model of workdir (deq_lib.py)."""
-  return deq_lib.train_deq(config, workdir, deq_workdir)
+def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER):
+  """Train the Flow++ variational dequantizer for the score model of workdir, in its folder
+  deq_folder (deq_lib.py)."""
+  return deq_lib.train_deq(config, workdir, deq_folder)
 
 
 def fid_stats(config, workdir):

@@ -349,3 +349,38 @@ def train(config, workdir, progress_desc='train', progress_position=None):
   finally:
     ckpt_dir.close()
     meta_dir.close()
+
+
+class QuietLibraries(logging.Filter):
+  """Drop the per-save INFO chatter of orbax (dozens of lines per checkpoint); keep warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def log_to_file(directory):
+  """Log to directory/stdout.txt as well as the console (process 0 only, as the original), unless a
+  handler writes there already. Returns the handler it added (or None), which the caller removes
+  and closes when its job ends, so that jobs run in one process each log to their own file."""
+  if jax.process_index() != 0:
+    return None
+  target = os.path.abspath(os.path.join(directory, names.LOG_FILE))
+  root = logging.getLogger()
+  for h in root.handlers:
+    if os.path.abspath(getattr(getattr(h, 'stream', None), 'name', '') or '') == target:
+      return None
+  handler = logging.StreamHandler(open(target, 'a'))
+  handler.setFormatter(logging.Formatter(
+    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
+  handler.addFilter(QuietLibraries())
+  root.addHandler(handler)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+  return handler
+
+
+def close_log(handler):
+  """Remove and close a handler of log_to_file (None: nothing to do)."""
+  if handler is not None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
