@@ -156,8 +156,8 @@ def run(fv):
     fail(e)
 
   try:
-    import utils
-    utils.import_tensorflow()
+    import tf_import
+    tf_import.import_tensorflow()
   except ImportError:
     pass
   import run_lib
