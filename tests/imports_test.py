@@ -1,5 +1,6 @@
 """The module structure: no import cycle between the project's modules (imports inside functions
-count), names without TensorFlow or JAX, and modules short enough to read."""
+count), every top-level module part of the product (reached from main.py), names without
+TensorFlow or JAX, and modules short enough to read."""
 import ast
 import os
 import subprocess
@@ -62,6 +63,18 @@ def test_no_import_cycle():
   graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
   assert graph['run_lib'] >= {'train_lib', 'eval_lib', 'deq_lib'}  # the walk sees imports
   assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_every_top_level_module_is_reached_from_main():
+  modules = _modules()
+  graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+  reached, todo = set(), ['main']
+  while todo:
+    name = todo.pop()
+    if name not in reached:
+      reached.add(name)
+      todo.extend(graph[name])
+  assert not sorted(m for m in modules if '.' not in m and m not in reached)
 
 
 def test_cycle_finder_finds_a_cycle():
