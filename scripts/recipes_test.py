@@ -100,7 +100,7 @@ def mocked_tfds():
 def test_readme_section_is_the_generated_one():
   with open(readme_sections.README) as f:
     assert readme_sections.section(f.read(), recipes.SECTION) == recipes.markdown(), (
-      'README.md differs from recipes.py: run python recipes.py --write')
+      'README.md differs from recipes.py: run python scripts/recipes.py --write')
 
 
 # The paper's published CIFAR-10 results (Lu et al., ICML 2022; VE, second / third order).
@@ -199,7 +199,7 @@ def _fake_inception(path):
 
 # What runs (the 60 s this file may add to a cold suite allow no more): the fine-tune, bits/dim,
 # the bound, fid_stats and FID of the VE CIFAR-10 row of order RUN_ORDER; the other rows differ
-# from these in the order (the fine-tune's compiled step: run_lib_test trains orders 2 and 3), the
+# from these in the order (the fine-tune's compiled step: tests/train_test.py trains orders 2 and 3), the
 # config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape is the
 # one deq_lib_test runs through the CLI; here their commands are parsed and checked only.
 RUN_EXPERIMENT, RUN_ORDER = 'cifar10_ve', 1
