@@ -176,7 +176,8 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
 
 def _start_file(path, argv):
   """A flax.optim msgpack at path with the param tree of argv's tiny model (small random
-  weights, random Adam moments, step STEP), written as restore_from_test writes score_sde's State."""
+  weights, random Adam moments, step STEP), written as restore_from_test writes score_sde's
+  State."""
   import jax
   import train_lib
   from restore_from_test import write_flax_optim
@@ -199,9 +200,10 @@ def _fake_inception(path):
 
 # What runs (the 60 s this file may add to a cold suite allow no more): the fine-tune, bits/dim,
 # the bound, fid_stats and FID of the VE CIFAR-10 row of order RUN_ORDER; the other rows differ
-# from these in the order (the fine-tune's compiled step: tests/train_test.py trains orders 2 and 3), the
-# config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape is the
-# one deq_lib_test runs through the CLI; here their commands are parsed and checked only.
+# from these in the order (the fine-tune's compiled step: tests/train_test.py trains orders 2 and
+# 3), the config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape
+# is the one tests/deq_test.py runs through the CLI; here their commands are parsed and checked
+# only.
 RUN_EXPERIMENT, RUN_ORDER = 'cifar10_ve', 1
 RUN_RESULTS = ('bpd', 'bound', 'fid')
 

@@ -289,7 +289,8 @@ def test_toy_batch_part_reports_nats():
   config.eval.rtol = config.eval.atol = 1e-3
   sde, _ = sde_lib.get_sde(config)
   model, _, state = run_lib.build_state(config, jax.random.PRNGKey(0))
-  (part,) = eval_batches.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  (part,) = eval_batches.get_batch_parts(config, sde, model, inverse_scaler)
   x = np.asarray(toy_data.sample_toy('CHECKERBOARD', 0, 4), np.float32)
   deq_x, corr = dequantizers.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
   np.testing.assert_array_equal(deq_x, x)
