@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import utils
+import divergence
+from divergence import batch_mul, batch_sum
 from likelihood import nll_to_bpd
 from models import utils as mutils
-from utils import batch_mul, batch_sum
 
 
 def _alpha(sde, data, t):
@@ -84,13 +84,13 @@ def likelihood_bound(rng, score_fn, data, sde, dsm=True, eps=1e-5, importance_we
     times = jax.random.uniform(step_rng, (N, shape[0]), minval=eps, maxval=sde.T)
     Z = sde.T - eps  # the original used 1: biased by the factor (T - eps), ~1e-5 at eps = 1e-5
   times = times.astype(data.dtype)
-  drift_div_fn = utils.get_div_fn(lambda x, t: sde.sde(x, t)[0])
-  score_value_div_fn = utils.get_value_div_fn(score_fn)
+  drift_div_fn = divergence.get_div_fn(lambda x, t: sde.sde(x, t)[0])
+  score_value_div_fn = divergence.get_value_div_fn(score_fn)
 
   def scan_fn(carry, vec_t):
     rng, value = carry
     rng, probe_rng, noise_rng = jax.random.split(rng, 3)
-    probe = utils.get_hutchinson_noise(probe_rng, shape, hutchinson_type).astype(data.dtype)
+    probe = divergence.get_hutchinson_noise(probe_rng, shape, hutchinson_type).astype(data.dtype)
     noise = jax.random.normal(noise_rng, shape, data.dtype)
     mean, std = sde.marginal_prob(data, vec_t)
     noisy = mean + batch_mul(std, noise)

@@ -5,9 +5,8 @@ import sys
 
 import jax
 
-import layout
+import names
 
-MODES = ('train', 'eval', 'train_deq', 'fid_stats')
 # Models whose U-Net halves the resolution len(ch_mult) - 1 times.
 UNET_MODELS = ('ncsnpp', 'ddpm', 'ddpmpp')
 
@@ -32,7 +31,7 @@ def check_tfds_available(config):
   TFDS datasets, which need it anyway."""
   from absl import logging as absl_logging
   name = config.data.dataset
-  if name not in layout.TFDS_DATASETS or (
+  if name not in names.TFDS_DATASETS or (
       name == 'ImageNet' and config.data.get('path', '')):
     return
   if 'datasets' not in sys.modules:
@@ -61,8 +60,8 @@ def validate_config(config, mode='train', workdir=None):
   run it for library callers unless told the caller did). Cheap: builds no model, reads no data;
   needs the JAX backend only for the device count."""
   import sde_lib
-  if mode not in MODES:
-    raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(MODES)}.")
+  if mode not in names.MODES:
+    raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(names.MODES)}.")
   if workdir is not None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"--workdir '{workdir}' is a file: give a directory path (new or existing).")
@@ -121,9 +120,9 @@ def validate_config(config, mode='train', workdir=None):
       bits != 8 and config.data.uniform_dequantization):
     raise ValueError(f'data.num_bits is {bits!r}: set --config.data.num_bits to an integer in 1..8 '
                      '(below 8 only with data.uniform_dequantization=False).')
-  if config.data.dataset not in layout.KNOWN_DATASETS:
+  if config.data.dataset not in names.KNOWN_DATASETS:
     raise ValueError(f"Unknown dataset '{config.data.dataset}': set --config.data.dataset to one "
-                     f"of {', '.join(sorted(layout.KNOWN_DATASETS))}.")
+                     f"of {', '.join(sorted(names.KNOWN_DATASETS))}.")
   if mode == 'train':
     if t.snapshot_sampling:
       check_sampler_names(config)
@@ -177,18 +176,18 @@ def validate_eval(config, workdir=None):
   if e.hutchinson_type not in ('Rademacher', 'Gaussian'):
     raise ValueError(f"eval.hutchinson_type is '{e.hutchinson_type}': set it to 'Rademacher' or "
                      "'Gaussian'.")
-  deq = layout.dequantizer_name(e.dequantizer)
+  deq = names.dequantizer_name(e.dequantizer)
   k = e.get('num_deq_samples', 1)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f'eval.num_deq_samples is {k!r}: set --config.eval.num_deq_samples to an '
                      'integer >= 1 (1: the usual one-draw bits/dim).')
-  if layout.is_toy(config) and (deq != 'uniform' or k > 1):
+  if names.is_toy(config) and (deq != 'uniform' or k > 1):
     raise ValueError(f'{config.data.dataset} is continuous toy data, not dequantized: leave '
                      'eval.dequantizer and eval.num_deq_samples at their defaults.')
   if e.enable_bpd and e.bound and e.bound_num_times < 1:
     raise ValueError(f'eval.bound_num_times is {e.bound_num_times}: set it to 1 or more.')
   if e.enable_sampling:
-    if layout.is_toy(config):
+    if names.is_toy(config):
       raise ValueError(f'IS/FID/KID need images, {config.data.dataset} is flat toy data: set '
                        '--config.eval.enable_sampling=False.')
     if e.num_samples < 2:
@@ -196,7 +195,7 @@ def validate_eval(config, workdir=None):
                        '--config.eval.num_samples to 2 or more.')
     check_sampler_names(config)
     _check_inception_handle(config)
-    path = layout.stats_path(config)
+    path = names.stats_path(config)
     if not os.path.isfile(path):
       raise FileNotFoundError(
         f'Inception stats file {path} not found (eval.enable_sampling needs it): make it with '
@@ -205,10 +204,10 @@ def validate_eval(config, workdir=None):
         '--config.eval.stats_dir to the folder that holds it.')
   if workdir is not None and not e.wait_for_ckpt:
     missing = [n for n in range(e.begin_ckpt, e.end_ckpt + 1)
-               if not os.path.isdir(layout.checkpoint_path(workdir, n))]
+               if not os.path.isdir(names.checkpoint_path(workdir, n))]
     if missing:
-      ckpt_dir = os.path.join(workdir, layout.CHECKPOINTS)
-      have = layout.checkpoint_numbers(ckpt_dir)
+      ckpt_dir = os.path.join(workdir, names.CHECKPOINTS)
+      have = names.checkpoint_numbers(ckpt_dir)
       raise FileNotFoundError(
         f'checkpoint_{missing[0]} not found in {ckpt_dir} (it holds '
         f'{", ".join(f"checkpoint_{n}" for n in have) or "none"}): set --config.eval.begin_ckpt / '
@@ -218,14 +217,14 @@ def validate_eval(config, workdir=None):
 
 def validate_fid_stats(config):
   """Checks for --mode fid_stats: image data, the Inception module, no silent overwrite."""
-  if layout.is_toy(config):
+  if names.is_toy(config):
     raise ValueError(f'Inception stats need images, {config.data.dataset} is flat toy data: use an '
                      'image dataset.')
   if config.eval.stats_num_images < 0:
     raise ValueError(f'eval.stats_num_images is {config.eval.stats_num_images}: set 0 (all) or a '
                      'positive count.')
   _check_inception_handle(config)
-  path = layout.stats_path(config)
+  path = names.stats_path(config)
   if os.path.exists(path) and not config.eval.overwrite_stats:
     raise ValueError(f'Inception stats file {path} already exists: pass '
                      '--config.eval.overwrite_stats=True to replace it, or another '

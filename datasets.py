@@ -21,13 +21,13 @@ import tarfile
 import jax
 import numpy as np
 
-import utils
+import tf_import
+from names import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 from patterns_data import pattern_arrays
 from toy_data import sample_toy, toy_dim
-from layout import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 
-tf = utils.import_tensorflow()
-with utils.quiet_native_stderr():
+tf = tf_import.import_tensorflow()
+with tf_import.quiet_native_stderr():
   import tensorflow_datasets as tfds
 
 SHUFFLE_BUFFER_SIZE = 10000

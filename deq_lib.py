@@ -32,12 +32,11 @@ import numpy as np
 import optax
 
 import checkpoints
-import layout
 import likelihood
+import names
 import optim
 import parallel
 import train_lib
-from layout import deq_dir_of
 
 
 def get_deq_optimizer(config):
@@ -58,7 +57,7 @@ def check_config(config, workdir=None):
     raise ValueError(f'deq.n_iters is {deq.n_iters}: set --config.deq.n_iters to 1 or more.')
   if not 0. <= deq.ema_rate < 1.:
     raise ValueError(f'deq.ema_rate is {deq.ema_rate}: set --config.deq.ema_rate in [0, 1).')
-  if layout.is_toy(config):
+  if names.is_toy(config):
     raise ValueError(f'dequantization needs 8-bit images; {config.data.dataset} is a toy '
                      'dataset: use an image config.')
   t = config.training
@@ -76,10 +75,10 @@ def check_config(config, workdir=None):
 def _score_checkpoint(config, workdir):
   """workdir/checkpoints/checkpoint_{eval.ckpt_id}, or FileNotFoundError naming the field."""
   number = config.eval.ckpt_id
-  path = layout.checkpoint_path(workdir, number)
+  path = names.checkpoint_path(workdir, number)
   if not os.path.isdir(path):
-    root = os.path.join(workdir, layout.CHECKPOINTS)
-    have = layout.checkpoint_numbers(root)
+    root = os.path.join(workdir, names.CHECKPOINTS)
+    have = names.checkpoint_numbers(root)
     held = ', '.join(f'checkpoint_{n}' for n in have) or 'none: train the score model first'
     raise FileNotFoundError(f"score checkpoint '{path}' not found ({root} holds {held}): set "
                             '--config.eval.ckpt_id to the score checkpoint to train the '
@@ -93,7 +92,7 @@ def load_score_model(config, workdir, mesh):
   import sde_lib
   number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
-  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, layout.CHECKPOINTS), create=False)
+  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   state = parallel.replicate(state, mesh)
   try:
@@ -154,39 +153,21 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
   return step_fn
 
 
-def _log_to_file(deq_dir):
-  """Also log to deq_dir/stdout.txt (process 0) unless a handler already writes there (main.py)."""
-  if jax.process_index() != 0:
-    return None
-  target = os.path.abspath(os.path.join(deq_dir, 'stdout.txt'))
-  root = logging.getLogger()
-  for h in root.handlers:
-    if os.path.abspath(getattr(getattr(h, 'stream', None), 'name', '') or '') == target:
-      return None
-  handler = logging.StreamHandler(open(target, 'a'))
-  handler.setFormatter(logging.Formatter(
-    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
-  root.addHandler(handler)
-  if root.level > logging.INFO or root.level == logging.NOTSET:
-    root.setLevel(logging.INFO)
-  return handler
-
-
-def train_deq(config, workdir, deq_folder='deq', check=True):
+def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER, check=True):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
-  model; resumes from the newest checkpoint under the dequantizer's directory. Returns the final
-  (replicated) state. check=False skips config_checks.validate_config when the caller has run it
-  (main.py)."""
+  model in workdir/deq_folder, logging to its stdout.txt; resumes from the newest checkpoint
+  there. Returns the final (replicated) state. check=False skips config_checks.validate_config
+  when the caller has run it (main.py)."""
   if check:
     import config_checks
     config_checks.validate_config(config, 'train_deq', workdir)
   import datasets
   from models import flowpp
 
-  deq_dir = deq_dir_of(workdir, deq_folder)
+  deq_dir = names.deq_dir(workdir, deq_folder)
   if jax.process_index() == 0:
     os.makedirs(deq_dir, exist_ok=True)
-  handler = _log_to_file(deq_dir)
+  handler = train_lib.log_to_file(deq_dir)
   try:
     t = config.training
     mesh = parallel.make_mesh()
@@ -235,17 +216,15 @@ def train_deq(config, workdir, deq_folder='deq', check=True):
       ckpt_dir.close()
       meta_dir.close()
   finally:
-    if handler is not None:
-      logging.getLogger().removeHandler(handler)
-      handler.close()
+    train_lib.close_log(handler)
 
 
-def load_dequantizer(config, workdir, deq_folder='deq', number=None):
-  """(deq_model, EMA params, path) of the newest dequantizer checkpoint under the dequantizer's
-  directory (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
-  deq_dir = deq_dir_of(workdir, deq_folder)
-  ckpt_root = os.path.join(deq_dir, layout.CHECKPOINTS)
-  meta_root = os.path.join(deq_dir, layout.CHECKPOINTS_META)
+def load_dequantizer(config, workdir, deq_folder=names.DEQ_FOLDER, number=None):
+  """(deq_model, EMA params, path) of the newest dequantizer checkpoint under workdir/deq_folder
+  (checkpoints/ or checkpoints-meta/), or of checkpoints/checkpoint_<number>."""
+  deq_dir = names.deq_dir(workdir, deq_folder)
+  ckpt_root = os.path.join(deq_dir, names.CHECKPOINTS)
+  meta_root = os.path.join(deq_dir, names.CHECKPOINTS_META)
   dirs = [checkpoints.CheckpointDir(d, create=False) for d in (meta_root, ckpt_root)
           if os.path.isdir(d)]
   if not dirs:
@@ -267,7 +246,7 @@ def load_dequantizer(config, workdir, deq_folder='deq', number=None):
   return deq_model, state.params_ema, path
 
 
-def get_dequantize_fn(config, workdir, deq_folder='deq', number=None):
+def get_dequantize_fn(config, workdir, deq_folder=names.DEQ_FOLDER, number=None):
   """dequantize_fn(rng, images) -> (y, bpd_correction).
 
   images: 8-bit images in [0, 1] (k / 255, NHWC, unscaled: as datasets.get_dataset with
@@ -302,7 +281,8 @@ def make_dequantize_fn(deq_model, params, bits=8):
   return dequantize_fn
 
 
-def compare_bpd(config, workdir, images, rng, deq_folder='deq', repeats=1, bound=False, N=100):
+def compare_bpd(config, workdir, images, rng, deq_folder=names.DEQ_FOLDER, repeats=1, bound=False,
+                N=100):
   """(uniform bpd (B,), dequantized bpd (B,)) of the EMA score model checkpoint eval.ckpt_id of
   workdir on 8-bit `images` in [0, 1], averaged over `repeats` draws of the dequantization noise.
 

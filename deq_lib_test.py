@@ -1,15 +1,12 @@
 """Variational dequantization: the loss (losses.get_dequantization_loss_fn), the training step and
-dequantize_fn of deq_lib on the 'tiny' Flow++ (4x4x3 images) with an analytic Gaussian score,
-and the pipeline end to end on the tiny DIGITS config (slow).
+dequantize_fn of deq_lib on the 'tiny' Flow++ (4x4x3 images) with an analytic Gaussian score
+(the pipeline end to end through main.py: tests/deq_test.py).
 
 Truths used: log q(noise | x) by brute force (log N(u) - log |det d noise / d u| from the full
 Jacobian), the bound of bound_likelihood (tested against its closed form there), the 8-bit bins
 of y, and E_q[log q] = KL(q || uniform) >= 0 on the unit cube.
 """
-import json
 import os
-import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +17,7 @@ import pytest
 import bound_likelihood
 import deq_lib
 import losses
+import names
 import sde_lib
 from configs.base_config import get_base_config
 from likelihood_test import Gaussian, GaussianScoreNet
@@ -159,9 +157,9 @@ def test_deq_optimizer_and_dirs():
     lrs.append(float(jnp.abs(updates['w'][0])))
   np.testing.assert_allclose(lrs, [0., 0.125, 0.25, 0.375, 0.5, 0.5], rtol=1e-3)
   assert config.optim.lr == 123.  # the config is not modified
-  assert deq_lib.deq_dir_of('/w', 'deq') == '/w/deq'
-  assert deq_lib.deq_dir_of('w', os.path.join('w', 'deq')) == os.path.abspath('w/deq')
-  assert deq_lib.deq_dir_of('w', '/abs/deq') == '/abs/deq'
+  assert names.deq_dir('/w', 'deq') == '/w/deq'
+  assert names.deq_dir('w', os.path.join('sub', 'deq')) == os.path.join('w', 'sub', 'deq')
+  assert names.deq_dir('w', '/abs/deq') == '/abs/deq'
   assert isinstance(tx, optax.GradientTransformation)
 
 
@@ -203,44 +201,8 @@ def test_score_checkpoint_is_the_one_eval_ckpt_id_names(tmp_path):
   assert '\n' not in msg and '--config.eval.ckpt_id' in msg and 'checkpoint_26' in msg
   assert 'holds checkpoint_1, checkpoint_2)' in msg
   with pytest.raises(FileNotFoundError, match='--config.eval.ckpt_id'):
-    deq_lib.train_deq(config, str(tmp_path), str(tmp_path / 'deq'))
+    deq_lib.train_deq(config, str(tmp_path), 'deq')
   assert not (tmp_path / 'deq').exists()
   with pytest.raises(FileNotFoundError, match='train the score model first'):
     deq_lib.load_score_model(config, str(tmp_path / 'empty'), None)
 
-
-@pytest.mark.slow
-def test_cli_train_deq_then_eval_with_dequantizer(trained, tmp_path):
-  """main.py --mode train_deq on the shared tiny DIGITS checkpoint_2 (eval.ckpt_id; 2 steps, then a
-  resumed rerun to 4), then --mode eval with --config.eval.dequantizer=True: the newest
-  dequantizer checkpoint is used and the per-batch bits/dim are stored.
-
-  Not asserted: dequantized bpd < uniform bpd. For a score model trained a few steps the density
-  is flat at the scale of one 8-bit bin, where the uniform q is optimal (E[bpd_correction] =
-  KL(q || U) / (D ln 2) >= 0); scripts/deq_demo.py (60 score and 500 dequantizer steps) measured
-  the correction falling 0.29 -> 0.005 bits/dim with deq - uniform = +0.004 +- 0.005."""
-  from conftest import ok, run_main
-  wd = tmp_path / 'wd'
-  shutil.copytree(trained, wd)
-  common = ['--config=configs/tiny/digits_deq.py', f'--workdir={wd}',
-            '--config.training.log_freq=1', '--config.training.eval_freq=2',
-            '--config.training.snapshot_freq=2', '--config.training.snapshot_freq_for_preemption=2',
-            '--config.training.batch_size=8', '--config.deq.warmup=1',
-            '--config.eval.ckpt_id=2']  # the score checkpoint evaluated below
-  ok(run_main(common + ['--mode=train_deq', '--config.deq.n_iters=2']))
-  ok(run_main(common + ['--mode=train_deq', '--config.deq.n_iters=4']))
-  log = (wd / 'deq' / 'stdout.txt').read_text()
-  assert 'Resuming dequantizer training from' in log and 'step: 4, training_loss:' in log
-  assert os.path.join('checkpoints', 'checkpoint_2') in log.split('Loaded the score model')[1]
-  assert sorted(os.listdir(wd / 'deq' / 'checkpoints')) == ['checkpoint_1', 'checkpoint_2']
-  evals = ['--mode=eval', '--config.eval.begin_ckpt=2', '--config.eval.end_ckpt=2',
-           '--config.eval.batch_size=4', '--config.eval.num_bpd_batches=1',
-           '--config.eval.num_repeats=1', '--config.eval.rtol=1e-3', '--config.eval.atol=1e-3']
-  ok(run_main(common + evals + ['--config.eval.dequantizer=True', '--eval_folder=eval_deq']))
-  deq = json.loads((wd / 'eval_deq' / 'ckpt_2' / 'summary.json').read_text())
-  assert deq['bpd_n'] == 4 and np.isfinite(deq['bpd'])
-  eval_log = (wd / 'eval_deq' / 'stdout.txt').read_text()
-  used = eval_log.split('Loaded the variational dequantizer from')[1].splitlines()[0]
-  assert re.search(r'deq/checkpoints(-meta)?/checkpoint_2\b', used), used  # step 4's
-  # (uniform dequantization of the same batch: run_lib_eval_test.py; the correction's formula:
-  # test_dequantize_fn_bins_and_correction above)

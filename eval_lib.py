@@ -25,11 +25,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import config_checks
-import eval_parts
-import layout
+import dequantizers
+import eval_batches
+import eval_files
+import names
 import parallel
 import train_lib
-from eval_parts import load_npz, save_npz, write_text
+from eval_files import load_npz, save_npz, write_text
 
 def eval_key(seed, ckpt, kind, *indices):
   """The key of one unit of eval work: PRNGKey(seed + 1) folded with ckpt, crc32(kind) and the
@@ -45,7 +47,7 @@ def _wait_for_checkpoint(config, workdir, ckpt, is_main):
   """workdir/checkpoints/checkpoint_<ckpt>: fail fast if missing, or with eval.wait_for_ckpt poll
   every eval.wait_poll s for at most eval.wait_timeout s (0: forever)."""
   e = config.eval
-  path = layout.checkpoint_path(workdir, ckpt)
+  path = names.checkpoint_path(workdir, ckpt)
   if os.path.isdir(path):
     return path
   if not e.wait_for_ckpt:
@@ -76,7 +78,7 @@ def _eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler, 
   path = os.path.join(ckpt_dir, 'loss.npz')
   if not os.path.exists(path):
     state = get_state()
-    deq = config.data.uniform_dequantization and not layout.is_toy(config)
+    deq = config.data.uniform_dequantization and not names.is_toy(config)
     rows = []
     for i, batch in enumerate(eval_ds):
       images = parallel.to_numpy(batch['image'])
@@ -142,7 +144,8 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
             prepared.append({'image': scaler(data), 'deq_bpd': deq_bpd})
           tic = time.time()
           keys = [eval_key(config.seed, ckpt, p.name, r, i, *((k,) if k else ())) for k in range(draws)]
-          out = eval_parts.run_part(p, keys, state.params_ema, state.model_state, prepared[:draws])
+          out = eval_batches.run_part(p, keys, state.params_ema, state.model_state,
+                                      prepared[:draws])
           out = {k: parallel.host(v) for k, v in out.items()}
           out['seconds'] = np.asarray(time.time() - tic)
           if is_main:
@@ -161,11 +164,12 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
   summary = {}
   for p in parts:
     if p.name == 'ode_score':
-      summary.update(eval_parts.ode_score_summary(results[p.name], ckpt_dir, is_main))
+      summary.update(eval_batches.ode_score_summary(results[p.name], ckpt_dir, is_main))
     else:
-      summary.update(eval_parts.mean_results(results[p.name], '' if p.name == 'bpd' else f'{p.name}_'))
+      summary.update(eval_batches.mean_results(results[p.name],
+                                               '' if p.name == 'bpd' else f'{p.name}_'))
   if 'bpd' in results:
-    summary.update(eval_parts.repeat_reports(results['bpd']['bpd'], index))
+    summary.update(eval_batches.repeat_reports(results['bpd']['bpd'], index))
   if 'seconds' in summary:
     summary['seconds_per_batch'] = summary.pop('seconds')
   return summary
@@ -177,7 +181,7 @@ def _eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools, get_
   the first num_samples against the dataset stats."""
   import evaluation
   e = config.eval
-  sdir = os.path.join(ckpt_dir, layout.SAMPLES)
+  sdir = os.path.join(ckpt_dir, names.SAMPLES)
   if is_main:
     os.makedirs(sdir, exist_ok=True)
   done = set(os.listdir(sdir)) if os.path.isdir(sdir) else set()
@@ -226,7 +230,8 @@ def _read_only_ckpt_dir(directory):
     logger.removeFilter(quiet)
 
 
-def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
+def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DEQ_FOLDER,
+             check=True):
   """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints (EMA params):
   eval loss (eval.enable_loss), bits/dim by the probability-flow ODE or the variational bound
   (eval.enable_bpd, eval.bound) and IS/FID/KID of samples (eval.enable_sampling). Results go to
@@ -246,7 +251,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
   eval_dir = os.path.join(workdir, eval_folder)
   if is_main:
     os.makedirs(eval_dir, exist_ok=True)
-  eval_parts.check_settings(eval_dir, config, is_main)
+  eval_files.check_settings(eval_dir, config, is_main)
   sde, sampling_eps = sde_lib.get_sde(config)
   scaler = datasets.get_data_scaler(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config)
@@ -259,7 +264,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
     sampler = sampling.get_sampler(config, sde, shape, inverse_scaler, sampling_eps)
   dequantize_fn = None
   if e.enable_bpd or e.enable_ode_score:
-    dequantize_fn = eval_parts.get_dequantize_fn(config, workdir, deq_folder, sde, inverse_scaler)
+    dequantize_fn = dequantizers.get_dequantize_fn(config, workdir, deq_folder, sde, inverse_scaler)
   mesh = parallel.make_mesh()
   inception = data_pools = sample_fn = None
   if e.enable_sampling:
@@ -268,7 +273,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
 
   model, tx, host_state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   target = parallel.replicate(host_state, mesh)
-  parts = eval_parts.get_batch_parts(config, sde, model, inverse_scaler)
+  parts = eval_batches.get_batch_parts(config, sde, model, inverse_scaler)
   if e.enable_sampling:
     sample_fn = jax.jit(lambda rng, params, ms: sampler(rng, (model, params, ms)),
                         out_shardings=(NamedSharding(mesh, P(parallel.DATA_AXIS)),
@@ -292,7 +297,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
     ckpt_dir = os.path.join(eval_dir, f'ckpt_{ckpt}')
     if is_main:
       os.makedirs(ckpt_dir, exist_ok=True)
-    ckpts = _read_only_ckpt_dir(os.path.join(workdir, layout.CHECKPOINTS))
+    ckpts = _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS))
     holder = {}
 
     def get_state(ckpts=ckpts, ckpt=ckpt, holder=holder, ckpt_path=ckpt_path):
@@ -318,7 +323,7 @@ def evaluate(config, workdir, eval_folder='eval', deq_folder='deq', check=True):
     if is_main:
       summary['seconds_this_run'] = time.time() - tic
       write_text(os.path.join(ckpt_dir, 'summary.json'), json.dumps(summary, indent=2))
-      eval_parts.write_summary_csv(eval_dir)
+      eval_files.write_summary_csv(eval_dir)
       logging.info('ckpt-%d --- %s', ckpt, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
         if k != 'ckpt' and not isinstance(v, list)))

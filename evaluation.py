@@ -21,10 +21,10 @@ from absl import logging
 import numpy as np
 import scipy.special
 
-import utils
-from layout import stats_filename, stats_path
+import tf_import
+from names import stats_filename, stats_path
 
-tf = utils.import_tensorflow()
+tf = tf_import.import_tensorflow()
 
 INCEPTION_TFHUB = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
 INCEPTION_OUTPUT = 'logits'

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.integrate
 
+import divergence
 import ode_solver
-import utils
 from models import utils as mutils
 
 EXACT_DIV_MAX_DIM = 16  # exact divergence unrolls one jvp per dimension
@@ -59,9 +59,9 @@ def get_drift_div_fn(sde, score_fn, exact_div=False):
   rsde = sde.reverse(score_fn, probability_flow=True)
   drift_fn = lambda x, t: rsde.sde(x, t)[0]
   if exact_div:
-    value_div_fn = utils.get_exact_value_div_fn(drift_fn)
+    value_div_fn = divergence.get_exact_value_div_fn(drift_fn)
     return lambda x, t, probe: value_div_fn(x, t)
-  return utils.get_value_div_fn(drift_fn)
+  return divergence.get_value_div_fn(drift_fn)
 
 
 def num_bits(config):
@@ -94,7 +94,7 @@ def nll_to_bpd(nll, shape, inverse_scaler=None, data_is_images=True, bits=8):
 def _probe(rng, shape, hutchinson_type, exact_div):
   if exact_div:
     return jnp.zeros(shape)
-  return utils.get_hutchinson_noise(rng, shape, hutchinson_type)
+  return divergence.get_hutchinson_noise(rng, shape, hutchinson_type)
 
 
 def _solve_jax(drift_div_fn, data, probe, sde, rtol, atol, eps, max_steps):

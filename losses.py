@@ -31,8 +31,8 @@ import optax
 
 import high_order
 import parallel
+from divergence import batch_mul
 from high_order import MAX_EXACT_JACOBIAN_DIM, flat
-from utils import batch_mul
 
 ORDERS = (1, 2, 3)
 NONFINITE_MODES = ('stop', 'skip')

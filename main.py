@@ -16,6 +16,7 @@ from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
 import configs
+import names
 
 FLAGS = flags.FLAGS
 
@@ -27,11 +28,13 @@ def define_flags(flag_values, argv=None):
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True,
                                   sys_argv=argv, **fv)
   flags.DEFINE_string('workdir', None, 'Work directory.', **fv)
-  flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_deq', 'fid_stats'],
+  flags.DEFINE_enum('mode', None, list(names.MODES),
                     'Running mode: train, eval, train_deq (variational dequantizer) or fid_stats.',
                     **fv)
-  flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results.', **fv)
-  flags.DEFINE_string('deq_folder', 'deq', 'The folder name for dequantizer training.', **fv)
+  flags.DEFINE_string('eval_folder', names.EVAL_FOLDER,
+                      'The folder name for storing evaluation results.', **fv)
+  flags.DEFINE_string('deq_folder', names.DEQ_FOLDER,
+                      'The folder name for dequantizer training.', **fv)
   flags.DEFINE_string('coordinator_address', None,
                       'Multi-host: host:port of process 0 for jax.distributed.initialize.', **fv)
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', **fv)
@@ -119,34 +122,12 @@ def parse_flags(argv):
   return rest
 
 
-class _QuietLibraries(logging.Filter):
-  """Drop the per-save INFO chatter of orbax (dozens of lines per checkpoint); keep warnings."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
-
-
-def _setup_file_logging(directory):
-  """Log to both console and directory/stdout.txt (process 0 only), as the original; returns the
-  file handler (None on other processes)."""
-  import jax
-  if jax.process_index() != 0:
-    return None
-  handler = logging.StreamHandler(open(os.path.join(directory, 'stdout.txt'), 'a'))
-  handler.setFormatter(logging.Formatter(
-    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
-  handler.addFilter(_QuietLibraries())
-  logger = logging.getLogger()
-  logger.addHandler(handler)
-  logger.setLevel('INFO')
-  return handler
-
-
 def _trace_to_file():
   """The traceback of the exception being handled, into stdout.txt only (stderr keeps one line)."""
   import traceback
   for h in logging.getLogger().handlers:
-    if isinstance(h, logging.StreamHandler) and getattr(h.stream, 'name', '').endswith('stdout.txt'):
+    if isinstance(h, logging.StreamHandler) and getattr(h.stream, 'name', '').endswith(
+        names.LOG_FILE):
       h.stream.write(traceback.format_exc())
       h.flush()
 
@@ -165,7 +146,6 @@ def run(fv):
   except (IOError, OSError) as e:
     fail(f'config {_config_arg(sys.argv)} cannot be loaded: {str(e).splitlines()[0]}. Fix the path.')
   # Backend probing (e.g. 'Unable to initialize backend tpu') is not news on stderr.
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   import jax
   if fv.coordinator_address:
@@ -187,32 +167,34 @@ def run(fv):
     fail(e)
 
   try:
-    import utils
-    utils.import_tensorflow()
+    import tf_import
+    tf_import.import_tensorflow()
   except ImportError:
     pass
   import run_lib
+  import train_lib
+  absl_logging.get_absl_handler().addFilter(train_lib.QuietLibraries())
 
   handler = None
   try:
     if mode == 'train':
-      import train_lib
       train_lib.check_restore_from(config, workdir)  # before the workdir is made
       os.makedirs(workdir, exist_ok=True)
-      handler = _setup_file_logging(workdir)
+      handler = train_lib.log_to_file(workdir)
       run_lib.train(config, workdir, check=False)
     elif mode == 'eval':
-      os.makedirs(os.path.join(workdir, fv.eval_folder), exist_ok=True)
-      handler = _setup_file_logging(os.path.join(workdir, fv.eval_folder))
+      eval_dir = os.path.join(workdir, fv.eval_folder)
+      os.makedirs(eval_dir, exist_ok=True)
+      handler = train_lib.log_to_file(eval_dir)
       run_lib.evaluate(config, workdir, fv.eval_folder, fv.deq_folder, check=False)
     elif mode == 'train_deq':
-      new_workdir = os.path.join(workdir, fv.deq_folder)
-      os.makedirs(new_workdir, exist_ok=True)
-      handler = _setup_file_logging(new_workdir)
-      run_lib.train_deq(config, workdir, new_workdir, check=False)
+      deq_dir = names.deq_dir(workdir, fv.deq_folder)
+      os.makedirs(deq_dir, exist_ok=True)
+      handler = train_lib.log_to_file(deq_dir)
+      run_lib.train_deq(config, workdir, fv.deq_folder, check=False)
     elif mode == 'fid_stats':
       os.makedirs(workdir, exist_ok=True)
-      handler = _setup_file_logging(workdir)
+      handler = train_lib.log_to_file(workdir)
       run_lib.fid_stats(config, workdir, check=False)
   except run_lib.NonFiniteError as e:
     logging.error('%s', e)
@@ -221,9 +203,7 @@ def run(fv):
     _trace_to_file()
     fail(e)
   finally:
-    if handler is not None:  # a caller running several jobs in one process logs each to its own
-      logging.getLogger().removeHandler(handler)
-      handler.close()
+    train_lib.close_log(handler)
 
 
 if __name__ == '__main__':

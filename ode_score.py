@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import divergence
 import likelihood
 import ode_solver
 import parallel
-import utils
 from models import utils as mutils
 
 EXACT_DIV_MAX_DIM = 16  # exact divergence unrolls one jvp per dimension (as likelihood.py)
@@ -61,7 +61,7 @@ def _probes(rng, x, hutchinson_type, exact_div):
   if exact_div:
     flat = jnp.zeros((x.shape[0], int(np.prod(x.shape[1:]))), x.dtype)
     return [flat.at[:, i].set(1.).reshape(x.shape) for i in range(flat.shape[1])]
-  return [utils.get_hutchinson_noise(rng, x.shape, hutchinson_type).astype(x.dtype)]
+  return [divergence.get_hutchinson_noise(rng, x.shape, hutchinson_type).astype(x.dtype)]
 
 
 def value_div_grad(fn, x, probes, cotangent=None):
@@ -75,7 +75,7 @@ def value_div_grad(fn, x, probes, cotangent=None):
     for v in probes:
       out, jv = jax.jvp(fn, (x,), (v,))
       value = out if value is None else value
-      div = div + utils.batch_sum(jv * v)
+      div = div + divergence.batch_sum(jv * v)
     total = jnp.sum(div)
     if cotangent is not None:
       total = total + jnp.sum(value * jax.lax.stop_gradient(cotangent))
@@ -156,8 +156,8 @@ def _diagnostics(score_fn, sde, probes, t, x, s_ode):
   score, div, grad_div = value_div_grad(lambda y: score_fn(y, vec_t), x, probes)
   g2 = sde.sde(x, vec_t)[1] ** 2
   std2 = sde.marginal_prob(jnp.zeros_like(x), vec_t)[1] ** 2
-  s_normal = -utils.batch_mul(1. / std2, x)
-  sq = lambda a: utils.batch_sum(jnp.square(a))
+  s_normal = -divergence.batch_mul(1. / std2, x)
+  sq = lambda a: divergence.batch_sum(jnp.square(a))
   out = dict(gap=sq(s_ode - score), score_vs_normal=sq(score - s_normal),
              ode_vs_normal=sq(s_ode - s_normal), div_vs_normal=jnp.square(div + dim / std2),
              grad_div_vs_normal=sq(grad_div))

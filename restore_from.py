@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 import checkpoints
-import layout
+import names
 
 FLAG = '--config.training.restore_from'
 
@@ -47,7 +47,7 @@ def _step_dirs(path):
   if checkpoints.checkpoint_number(path) is not None:
     return [path]
   return [os.path.join(path, f'{checkpoints.PREFIX}_{n}')
-          for n in layout.checkpoint_numbers(path)[::-1]]
+          for n in names.checkpoint_numbers(path)[::-1]]
 
 
 def _read_legacy(path):
@@ -122,8 +122,7 @@ def check_fits(path, target_state, restore_optimizer=True, n_iters=None):
   TrainState of arrays or ShapeDtypeStructs, e.g. jax.eval_shape of the initial state) as
   load_state / load_weights would load it: the same trees, on shapes only, no model built."""
   src, _, path = _read_source(path, None, shapes_only=True)
-  names = ('params', 'params_ema', 'model_state')
-  for k in names:
+  for k in ('params', 'params_ema', 'model_state'):
     match_tree(src[k], flax.serialization.to_state_dict(getattr(target_state, k)), k, plan_only=True)
   if not restore_optimizer:
     return
@@ -139,10 +138,10 @@ def check_fits(path, target_state, restore_optimizer=True, n_iters=None):
     check_steps_left(path, step, n_iters)
 
 
-def _matched(src, target_state, names):
-  """{name: src[name] matched (match_tree) and restored into target_state's tree}, notes."""
+def _matched(src, target_state, keys):
+  """{key: src[key] matched (match_tree) and restored into target_state's tree}, notes."""
   out, notes = {}, {}
-  for k in names:
+  for k in keys:
     target = getattr(target_state, k)
     tree, notes[k] = match_tree(src[k], jax.tree_util.tree_map(
       checkpoints.to_host, flax.serialization.to_state_dict(target)), name=k)

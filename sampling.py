@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import sde_lib
-from utils import batch_mul
+from divergence import batch_mul
 
 _PREDICTORS = {}
 _CORRECTORS = {}

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from utils import batch_mul
+from divergence import batch_mul
 
 
 class SDE(abc.ABC):

@@ -6,7 +6,7 @@ import numpy as np
 from scipy import integrate
 from scipy import special
 
-from layout import TOY_DATASETS
+from names import TOY_DATASETS
 
 _MOG_MEANS = np.array([-2., -6., 4.]) / 7.
 # toy.py calls these `stds` but uses them as variances.

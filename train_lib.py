@@ -2,7 +2,7 @@
 that the score model (`train`) and the variational dequantizer (deq_lib.train_deq) share.
 
 One jitted call runs training.n_jitted_steps steps (lax.scan), data-parallel over every device of
-every process (parallel.py). Workdir layout: layout.py.
+every process (parallel.py). Workdir layout: names.py.
 """
 import dataclasses
 import logging
@@ -17,7 +17,7 @@ import tqdm
 
 import checkpoints
 import config_checks
-import layout
+import names
 import optim
 import parallel
 import restore_from
@@ -150,8 +150,8 @@ class Loop:
 
 def open_checkpoints(folder):
   """(periodic, pre-emption) CheckpointDirs of a run folder."""
-  return (checkpoints.CheckpointDir(os.path.join(folder, layout.CHECKPOINTS)),
-          checkpoints.CheckpointDir(os.path.join(folder, layout.CHECKPOINTS_META),
+  return (checkpoints.CheckpointDir(os.path.join(folder, names.CHECKPOINTS)),
+          checkpoints.CheckpointDir(os.path.join(folder, names.CHECKPOINTS_META),
                                     latest_only=True))
 
 
@@ -161,7 +161,7 @@ def run_loop(config, loop, state, ckpt_dir, meta_dir):
   saved) or, with training.nonfinite='skip', was skipped by the step function and is counted."""
   t = config.training
   is_main = jax.process_index() == 0
-  writer = Writer(os.path.join(loop.folder, layout.TENSORBOARD))
+  writer = Writer(os.path.join(loop.folder, names.TENSORBOARD))
   n_jit = t.n_jitted_steps
   initial_step = step = int(checkpoints.to_host(state.step))
   progress = tqdm.tqdm(total=loop.n_iters, initial=initial_step, desc=loop.progress_desc,
@@ -230,7 +230,7 @@ def resume_data(config, train_ds, eval_ds, step):
   score_sde: skipping would decode every example seen so far.
   """
   t = config.training
-  if step and config.data.dataset in layout.TOY_DATASETS + layout.LOCAL_DATASETS:
+  if step and config.data.dataset in names.TOY_DATASETS + names.LOCAL_DATASETS:
     logging.info('Resuming the data streams: skipping %d training and %d evaluation batches.',
                  step // t.n_jitted_steps, step // t.eval_freq)
     train_ds = train_ds.skip(step // t.n_jitted_steps)
@@ -277,8 +277,8 @@ def check_restore_from(config, workdir):
   jax.eval_shape of the initial state (no model built). Nothing to check when the workdir has
   checkpoints already (the run resumes them and ignores restore_from)."""
   t = config.training
-  if not t.restore_from or any(layout.checkpoint_numbers(os.path.join(workdir, d))
-                               for d in (layout.CHECKPOINTS, layout.CHECKPOINTS_META)):
+  if not t.restore_from or any(names.checkpoint_numbers(os.path.join(workdir, d))
+                               for d in (names.CHECKPOINTS, names.CHECKPOINTS_META)):
     return
   target = jax.eval_shape(lambda rng: build_state(config, rng)[2], jax.random.PRNGKey(0))
   restore_from.check_fits(t.restore_from, target, t.get('restore_optimizer', True), t.n_iters)
@@ -310,7 +310,7 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
 
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(os.path.join(workdir, layout.TENSORBOARD), exist_ok=True)
+    os.makedirs(os.path.join(workdir, names.TENSORBOARD), exist_ok=True)
   datasets.tf.random.set_seed(config.seed + jax.process_index())
   train_ds, eval_ds, _ = datasets.get_dataset(
     config, additional_dim=t.n_jitted_steps,
@@ -332,7 +332,7 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
     sample, _ = sample_fn(jax.random.fold_in(state.rng, step), state.params_ema, state.model_state)
     sample = checkpoints.to_host(sample)
     if is_main:
-      this_dir = os.path.join(workdir, layout.SAMPLES, f'iter_{step}')
+      this_dir = os.path.join(workdir, names.SAMPLES, f'iter_{step}')
       save_samples(sample, this_dir)
       logging.info('Saved %d samples to %s.', len(sample), this_dir)
 
@@ -351,3 +351,38 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
   finally:
     ckpt_dir.close()
     meta_dir.close()
+
+
+class QuietLibraries(logging.Filter):
+  """Drop the per-save INFO chatter of orbax (dozens of lines per checkpoint); keep warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def log_to_file(directory):
+  """Log to directory/stdout.txt as well as the console (process 0 only, as the original), unless a
+  handler writes there already. Returns the handler it added (or None), which the caller removes
+  and closes when its job ends, so that jobs run in one process each log to their own file."""
+  if jax.process_index() != 0:
+    return None
+  target = os.path.abspath(os.path.join(directory, names.LOG_FILE))
+  root = logging.getLogger()
+  for h in root.handlers:
+    if os.path.abspath(getattr(getattr(h, 'stream', None), 'name', '') or '') == target:
+      return None
+  handler = logging.StreamHandler(open(target, 'a'))
+  handler.setFormatter(logging.Formatter(
+    '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'))
+  handler.addFilter(QuietLibraries())
+  root.addHandler(handler)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+  return handler
+
+
+def close_log(handler):
+  """Remove and close a handler of log_to_file (None: nothing to do)."""
+  if handler is not None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 import datasets
-import toy_data
+import divergence
 import likelihood
 import sde_lib
-import utils
+import toy_data
 from models import utils as mutils
 
 
@@ -47,18 +47,18 @@ def eval_fns_of(sde, model, params, states):
 
   def reverse_div(x, t, eps):
     grad = jax.grad(lambda y: jnp.sum(drift_fn(y, t) * eps))(x)
-    return drift_fn(x, t), utils.batch_sum(grad * eps)
+    return drift_fn(x, t), divergence.batch_sum(grad * eps)
 
   return {
     'forward pass (drift only)': jax.jit(lambda x, t, eps: drift_fn(x, t)),
     'drift + reverse-mode div': jax.jit(reverse_div),
-    'drift + forward-mode div (jvp)': jax.jit(utils.get_value_div_fn(drift_fn)),
+    'drift + forward-mode div (jvp)': jax.jit(divergence.get_value_div_fn(drift_fn)),
   }
 
 
 def eval_inputs(data):
   t = jnp.full((data.shape[0],), 0.5)
-  return data, t, utils.get_hutchinson_noise(jax.random.PRNGKey(5), data.shape)
+  return data, t, divergence.get_hutchinson_noise(jax.random.PRNGKey(5), data.shape)
 
 
 def main():

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import bound_likelihood
 import datasets
 import deq_lib
+import divergence
 import likelihood
 import ode_score
 import parallel
 import sampling
 import sde_lib
 import train_lib
-import utils
 from models import utils as mutils
 
 
@@ -87,7 +87,7 @@ def loop_rows(args):
   score_fn = mutils.get_score_fn(sde, model, params, states, train=False, continuous=True)
   forward = jax.jit(lambda x, t: score_fn(x, t))
   x, t = test, jnp.full((test.shape[0],), 0.5)
-  probe = utils.get_hutchinson_noise(jax.random.PRNGKey(4), x.shape)
+  probe = divergence.get_hutchinson_noise(jax.random.PRNGKey(4), x.shape)
 
   # PC sampler (reverse diffusion + Langevin): per time step, against one jitted corrector +
   # predictor update.

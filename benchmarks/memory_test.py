@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-import memory  # benchmarks/ is on sys.path in pytest (rootdir conftest) and when run from here
+import memory  # benchmarks/ is on sys.path in pytest (the test's folder) and when run from here
 import readme_sections
 
 HERE = os.path.dirname(os.path.abspath(__file__))

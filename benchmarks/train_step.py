@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import high_order
 import losses
 import sde_lib
+from divergence import batch_mul
 from models import utils as mutils
-from utils import batch_mul
 
 MiB = 2. ** 20
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_step  # benchmarks/ is on sys.path in pytest (rootdir conftest) and when run from here
+import train_step  # benchmarks/ is on sys.path in pytest (the test's folder) and when run from here
 
 
 

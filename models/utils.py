@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
-from utils import batch_mul
+from divergence import batch_mul
 
 _MODELS = {}
 

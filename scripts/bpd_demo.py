@@ -159,7 +159,7 @@ def main(argv=None):
   _, uni = evaluate(config, wd, 'eval_uniform', dequantizer='uniform', num_deq_samples=K)
   times['eval_uniform'] = time.time() - tic
   tic = time.time()
-  run_lib.train_deq(config, wd, os.path.join(wd, 'deq'))
+  run_lib.train_deq(config, wd)
   times['deq'] = time.time() - tic
   tic = time.time()
   _, flow = evaluate(config, wd, 'eval_flowpp', dequantizer='flowpp', num_deq_samples=K)

@@ -77,11 +77,11 @@ def main(argv=None):
   tic = time.time()
   _freqs(config, args.deq_steps)
   config.deq.n_iters = args.deq_steps
-  deq_lib.train_deq(config, args.workdir, 'deq')
+  deq_lib.train_deq(config, args.workdir)
   if args.resume_steps:
     config.deq.n_iters = args.deq_steps + args.resume_steps
     _freqs(config, args.resume_steps)
-    deq_lib.train_deq(config, args.workdir, 'deq')
+    deq_lib.train_deq(config, args.workdir)
   times['deq'] = time.time() - tic
 
   tic = time.time()
@@ -96,7 +96,7 @@ def main(argv=None):
   deq_model, _, init_state = deq_lib.init_deq_state(
     config, jax.random.PRNGKey(config.seed), np.asarray(next(iter(train_ds))['image'])[0])
   init_fn = deq_lib.make_dequantize_fn(deq_model, init_state.params)
-  trained_fn = deq_lib.get_dequantize_fn(config, args.workdir, 'deq')
+  trained_fn = deq_lib.get_dequantize_fn(config, args.workdir)
   keys = [jax.random.PRNGKey(100 + r) for r in range(4)]
   corr_init = float(np.mean([np.mean(init_fn(k, images)[1]) for k in keys]))
   corr_trained = float(np.mean([np.mean(trained_fn(k, images)[1]) for k in keys]))

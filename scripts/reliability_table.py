@@ -1,4 +1,4 @@
-"""Run the fault-injection trials of reliability.py and print the README's Reliability table.
+"""Run the fault-injection trials of tests/reliability.py and print the README's Reliability table.
 
   .venv/bin/python scripts/reliability_table.py [--kills 12] [--seed 0] [--json out.json]
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, ROOT)
 
 import reliability as rt

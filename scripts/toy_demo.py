@@ -139,7 +139,7 @@ def train_stage(config, stage, slot):
   included, other stages running side by side), None when the stage resumed part-way; the row is
   kept in train.json, so a rerun reads it back rather than timing a resume.
   """
-  import layout
+  import names
   import run_lib
   workdir = stage['workdir']
   path = os.path.join(workdir, 'train.json')
@@ -147,8 +147,8 @@ def train_stage(config, stage, slot):
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-  fresh = not any(layout.checkpoint_numbers(os.path.join(workdir, d))
-                  for d in (layout.CHECKPOINTS, layout.CHECKPOINTS_META))
+  fresh = not any(names.checkpoint_numbers(os.path.join(workdir, d))
+                  for d in (names.CHECKPOINTS, names.CHECKPOINTS_META))
   tic = time.time()
   state = run_lib.train(config, workdir, progress_desc=f'{stage["dataset"]} {stage["name"]}',
                         progress_position=slot)

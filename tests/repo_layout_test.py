@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Data sets, checkpoints, arrays and pickles: computed or downloaded, never committed.
 DATA_SUFFIXES = ('.npz', '.npy', '.msgpack', '.ckpt', '.pkl', '.pickle', '.tfrecord', '.h5')
 OUTPUT_DIRS = ('runs', 'checkpoints', 'checkpoints-meta')

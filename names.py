@@ -1,4 +1,5 @@
-"""Names shared by every job, without TensorFlow or JAX: dataset families, workdir folders and files.
+"""Names shared by every job, without TensorFlow or JAX: the CLI's modes, dataset families,
+dequantizer names, workdir folders and files, checkpoint and statistics paths.
 
 Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has the same layout):
   stdout.txt                    console log (process 0)
@@ -12,6 +13,7 @@ Workdir of a training run (run_lib.train; the dequantizer's folder, W/deq, has t
 import os
 import re
 
+MODES = ('train', 'eval', 'train_deq', 'fid_stats')  # main.py --mode
 TOY_DATASETS = ('MOG1D', 'CHECKERBOARD', 'SWISSROLL', 'POINT')
 TFDS_DATASETS = ('CIFAR10', 'SVHN', 'MNIST', 'CELEBA', 'LSUN', 'ImageNet')
 LOCAL_DATASETS = ('DIGITS', 'NPZ', 'PATTERNS')
@@ -58,13 +60,8 @@ def checkpoint_numbers(directory):
   return sorted(int(m.group(1)) for m in map(_CHECKPOINT_RE.match, names) if m)
 
 
-def deq_dir_of(workdir, deq_folder=DEQ_FOLDER):
-  """The dequantizer's directory: workdir/deq_folder, or deq_folder itself when it already lies
-  inside workdir or is absolute (main.py passes os.path.join(workdir, --deq_folder))."""
-  work = os.path.abspath(workdir)
-  path = os.path.abspath(deq_folder)
-  if os.path.isabs(deq_folder) or os.path.dirname(path) == work:
-    return path
+def deq_dir(workdir, deq_folder=DEQ_FOLDER):
+  """The dequantizer's directory: the folder deq_folder (--deq_folder) of workdir."""
   return os.path.join(workdir, deq_folder)
 
 

@@ -1,22 +1,14 @@
 """main.py CLI: each bad input exits non-zero with one line on stderr naming the problem and the
 fix, before anything is compiled or written (the workdir is never created)."""
-import os
-import subprocess
-import sys
+import functools
 
 import pytest
 
 import reliability
+from harness import CONFIG
+from harness import run_main as _run_main
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CONFIG = 'configs/tiny/digits_ddpmpp.py'
-
-
-def run_main(args, env_extra=None, timeout=120):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+run_main = functools.partial(_run_main, timeout=120)
 
 
 def _junk_file(tmp_path):

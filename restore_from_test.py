@@ -1,7 +1,7 @@
 """training.restore_from continues a checkpoint whole (as the original resumed released ones): a
 flax.optim msgpack written here in score_sde's layout gives Adam moments, step and schedule that
-the first update continues, checked against Adam computed by hand; bad files are refused, by the
-CLI before the workdir is made."""
+the first update continues, checked against Adam computed by hand; bad files are refused (by the
+CLI before the workdir is made: tests/train_test.py)."""
 import flax
 import jax
 import numpy as np
@@ -12,7 +12,6 @@ import restore_from
 import train_lib
 from configs.tiny import digits_ddpmpp
 from configs.toy import mog1d_ve
-from conftest import run_main, train_args
 
 STEP, WARMUP, LR, B1, B2 = 7, 10, 1e-2, 0.9, 0.999
 
@@ -136,7 +135,7 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
 
 
 def _tiny_params(**model):
-  """Zero params of the DIGITS DDPM++ that conftest.SMALL shrinks (with `model` overrides), from
+  """Zero params of the DIGITS DDPM++ that the end-to-end tests shrink (with `model` overrides), from
   jax.eval_shape: nothing compiled."""
   config = digits_ddpmpp.get_config()
   config.model.ch_mult, config.model.attn_resolutions = (1,), ()
@@ -146,7 +145,7 @@ def _tiny_params(**model):
   return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), state.params)
 
 
-def _foreign_file(path, damage):
+def foreign_file(path, damage):
   """A start checkpoint at path: 'truncated' (a flax.optim file cut short), 'another model' (a
   State of a one-layer net) or 'wrong config' (the DIGITS model at nf 16 instead of 32)."""
   if damage == 'another model':
@@ -167,7 +166,7 @@ def _foreign_file(path, damage):
 def test_foreign_start_refused_by_shapes(tmp_path, damage, words):
   """train_lib.check_restore_from, what main.py runs before it makes the workdir."""
   path = tmp_path / 'checkpoint_26'
-  _foreign_file(path, damage)
+  foreign_file(path, damage)
   config = digits_ddpmpp.get_config()
   config.model.ch_mult, config.model.attn_resolutions = (1,), ()
   config.training.restore_from = str(path)
@@ -179,14 +178,3 @@ def test_foreign_start_refused_by_shapes(tmp_path, damage, words):
   (tmp_path / 'resume' / 'checkpoints' / 'checkpoint_1').mkdir(parents=True)
   train_lib.check_restore_from(config, str(tmp_path / 'resume'))
 
-
-def test_cli_refuses_a_foreign_start_before_any_work(tmp_path):
-  path = tmp_path / 'checkpoint_26'
-  _foreign_file(path, 'wrong config')
-  workdir = tmp_path / 'wd'
-  r = run_main(train_args(workdir, n_iters=STEP + 2, extra=[
-    f'--config.training.restore_from={path}']))
-  lines = r.stderr.strip().splitlines()
-  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-  assert 'do not match the model' in lines[0] and 'vs model (32,)' in lines[0], lines[0]
-  assert not workdir.exists()

@@ -10,6 +10,7 @@ repeats, the fake Inception): the flags that select what is computed pass throug
 """
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,9 @@ from unittest import mock
 
 import numpy as np
 import pytest
+
+# As a script (the tiny runs) this file imports the product from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs
 import readme_sections
@@ -96,7 +100,7 @@ def mocked_tfds():
 def test_readme_section_is_the_generated_one():
   with open(readme_sections.README) as f:
     assert readme_sections.section(f.read(), recipes.SECTION) == recipes.markdown(), (
-      'README.md differs from recipes.py: run python recipes.py --write')
+      'README.md differs from recipes.py: run python scripts/recipes.py --write')
 
 
 # The paper's published CIFAR-10 results (Lu et al., ICML 2022; VE, second / third order).
@@ -172,10 +176,11 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
 
 def _start_file(path, argv):
   """A flax.optim msgpack at path with the param tree of argv's tiny model (small random
-  weights, random Adam moments, step STEP), written as restore_test writes score_sde's State."""
+  weights, random Adam moments, step STEP), written as restore_from_test writes score_sde's
+  State."""
   import jax
   import train_lib
-  from restore_test import write_flax_optim
+  from restore_from_test import write_flax_optim
   config, _ = parse(argv)
   state = jax.eval_shape(lambda r: train_lib.build_state(config, r)[2], jax.random.PRNGKey(0))
   r = np.random.RandomState(1)
@@ -195,9 +200,10 @@ def _fake_inception(path):
 
 # What runs (the 60 s this file may add to a cold suite allow no more): the fine-tune, bits/dim,
 # the bound, fid_stats and FID of the VE CIFAR-10 row of order RUN_ORDER; the other rows differ
-# from these in the order (the fine-tune's compiled step: run_lib_test trains orders 2 and 3), the
-# config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape is the
-# one deq_lib_test runs through the CLI; here their commands are parsed and checked only.
+# from these in the order (the fine-tune's compiled step: tests/train_test.py trains orders 2 and
+# 3), the config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape
+# is the one tests/deq_test.py runs through the CLI; here their commands are parsed and checked
+# only.
 RUN_EXPERIMENT, RUN_ORDER = 'cifar10_ve', 1
 RUN_RESULTS = ('bpd', 'bound', 'fid')
 
@@ -222,7 +228,7 @@ def plan(tmp_path):
 def test_command_shapes_run_at_tiny_size(tmp_path):
   """One process runs the plan; each command exits 0 and leaves what its row reads."""
   import checkpoints
-  from conftest import ROOT, main_env
+  from harness import ROOT, main_env
   args = plan(tmp_path)
   (tmp_path / 'start').mkdir()
   _start_file(tmp_path / 'start' / 'checkpoint_26', args[0])

@@ -1,15 +1,16 @@
-"""training.n_microbatches: one update from microbatches equals the whole-batch update.
+"""train_lib's training step and samples.
 
-The step draws t, z and v for the whole batch and sums the microbatches' gradients (lax.scan), so
+training.n_microbatches: one update from microbatches equals the whole-batch update. The step draws t, z and v for the whole batch and sums the microbatches' gradients (lax.scan), so
 parameters after several updates agree with the unsplit step's to float rounding, for orders 1-3,
 with and without importance-sampled time and exact Jacobians, over n_jitted_steps scanned steps,
-also under a remat policy. The 8-device mesh
-with microbatches is checked by run_lib_test.test_eight_devices_same_losses.
+also under a remat policy. The 8-device mesh with microbatches is checked by
+tests/train_test.py (test_eight_devices_same_losses).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import losses
 import parallel
@@ -81,3 +82,13 @@ def test_split_that_does_not_divide_is_refused():
   config = _config(1, False, n_micro=5)
   with pytest.raises(ValueError, match='n_microbatches=5'):
     _train(config, train_lib.build_state(config, jax.random.PRNGKey(0)))
+
+
+def test_save_samples_grid(tmp_path):
+  x = np.random.default_rng(0).uniform(size=(5, 3, 4, 1))
+  train_lib.save_samples(x, str(tmp_path))
+  png = np.asarray(Image.open(tmp_path / 'sample.png'))
+  # 5 images, 2 per row -> 3 rows; 2 px padding; grey images become RGB.
+  assert png.shape == (3 * (3 + 2) + 2, 2 * (4 + 2) + 2, 3)
+  np.testing.assert_array_equal(png[2:5, 2:6, 0], np.clip(x[0, ..., 0] * 255 + .5, 0, 255).astype(np.uint8))
+  np.testing.assert_allclose(np.load(tmp_path / 'sample.npz')['samples'], x)

@@ -6,24 +6,19 @@ import csv
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+from harness import ROOT, main_env
+
 ARGS = ['--base_steps=4', '--finetune_steps=2', '--batch_size=20', '--eval_points=40',
         '--grid=24', '--jobs=2']
 
 
 def run_demo(workdir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   r = subprocess.run([sys.executable, 'scripts/toy_demo.py', f'--workdir={workdir}', *ARGS],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                     cwd=ROOT, env=main_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
   return r
 

@@ -1,6 +1,7 @@
 """The paper's image results that the original code covers, as commands of this CLI: the one
-place README's "Reproduce the paper" section is generated from (`python recipes.py --write`;
-`--check` says whether README.md still matches) and that recipes_test.py runs at tiny sizes.
+place README's "Reproduce the paper" section is generated from (`python scripts/recipes.py
+--write`; `--check` says whether README.md still matches) and that recipes_test.py runs at tiny
+sizes.
 
 A recipe row: one experiment (a released first-order checkpoint and its config), one DSM order
 (1: first-order training continued for the same steps, the fair baseline; 2; 3), one result
@@ -10,7 +11,11 @@ where this project's references hold it, and an estimate of accelerator hours.
 """
 import argparse
 import dataclasses
+import os
+import sys
 from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs
 import readme_sections
@@ -243,6 +248,7 @@ def main():
   parser.add_argument('--check', action='store_true', help='exit 1 if README.md differs')
   args = parser.parse_args()
   readme_sections.write_or_check(SECTION, markdown(), args.write, args.check)
+
 
 if __name__ == '__main__':
   main()

@@ -1,11 +1,9 @@
 """run_lib.train through the CLI (python main.py ... --mode train) on the tiny DIGITS DDPM++ config.
 
 To keep compile time small on a 2-core CPU, the tests shrink the U-Net to one resolution level
-without attention (--config.model.ch_mult="(1,)" --config.model.attn_resolutions="()") and share
-a persistent JAX compilation cache between their subprocesses, so one trained workdir (a
-module fixture) and the runs that reuse its program (resume, fine-tune, non-finite stop) compile
-once. The helpers and the `trained` fixture are in conftest.py (shared with
-run_lib_eval_test.py).
+without attention (harness.SMALL) and share a persistent JAX compilation cache between their
+subprocesses, so one trained workdir (conftest's `trained` fixture, shared with eval_test.py) and
+the runs that reuse its program (resume, fine-tune, non-finite stop) compile once.
 """
 import glob
 import os
@@ -19,10 +17,9 @@ import pytest
 from PIL import Image
 
 import checkpoints
-import train_lib
-# The `trained` fixture (one shared trained workdir) lives in conftest.py.
-from conftest import run_main, train_args
-from conftest import ok as _ok
+from harness import ok as _ok
+from harness import run_main, train_args
+from restore_from_test import STEP, foreign_file
 
 
 def logged_losses(text, kind='training'):
@@ -215,11 +212,14 @@ def test_eight_devices_same_losses(trained, tmp_path):
     np.testing.assert_allclose(eight[s], one[s], rtol=1e-4, atol=1e-7)
 
 
-def test_save_samples_grid(tmp_path):
-  x = np.random.default_rng(0).uniform(size=(5, 3, 4, 1))
-  train_lib.save_samples(x, str(tmp_path))
-  png = np.asarray(Image.open(tmp_path / 'sample.png'))
-  # 5 images, 2 per row -> 3 rows; 2 px padding; grey images become RGB.
-  assert png.shape == (3 * (3 + 2) + 2, 2 * (4 + 2) + 2, 3)
-  np.testing.assert_array_equal(png[2:5, 2:6, 0], np.clip(x[0, ..., 0] * 255 + .5, 0, 255).astype(np.uint8))
-  np.testing.assert_allclose(np.load(tmp_path / 'sample.npz')['samples'], x)
+
+def test_cli_refuses_a_foreign_start_before_any_work(tmp_path):
+  path = tmp_path / 'checkpoint_26'
+  foreign_file(path, 'wrong config')
+  workdir = tmp_path / 'wd'
+  r = run_main(train_args(workdir, n_iters=STEP + 2, extra=[
+    f'--config.training.restore_from={path}']))
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert 'do not match the model' in lines[0] and 'vs model (32,)' in lines[0], lines[0]
+  assert not workdir.exists()

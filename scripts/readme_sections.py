@@ -1,4 +1,5 @@
-"""README sections written by a generator (recipes.py, benchmarks/memory.py), between markers.
+"""README sections written by a generator (scripts/recipes.py, benchmarks/memory.py), between
+markers.
 
 A section NAME is the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; generators
 rewrite it (`--write`) or say whether README.md still matches them (`--check`, exit 1 if not).
@@ -6,7 +7,7 @@ rewrite it (`--write`) or say whether README.md still matches them (`--check`, e
 import os
 import sys
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 
 
 def markers(name):

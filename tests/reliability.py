@@ -1,5 +1,5 @@
 """Fault-injection trials through the CLI (python main.py ... --mode train) on the toy MOG1D VE
-config (batch 16, MLP), sharing the tests' persistent JAX compilation cache.
+config (batch 16, MLP), run by harness.py (the tests' persistent JAX compilation cache).
 
 Each trial returns a record (dict): reliability_test.py asserts on it, scripts/reliability_table.py
 turns it into the README's Reliability table. Faults come from outside the product code: SIGKILL
@@ -17,33 +17,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TOY = 'configs/toy/mog1d_ve.py'
-TINY = 'configs/tiny/digits_ddpmpp.py'
-CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+import harness
+from harness import CONFIG as TINY
+from harness import ROOT, TOY, main_env, ok, toy_args
+
 TMP_TAG = '.orbax-checkpoint-tmp'
-
-
-def env(extra=None, cache=CACHE):
-  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  e.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2')
-  e.update(extra or {})
-  return e
-
-
-def toy_args(workdir, n_iters, freq=2, snapshot_freq=None, extra=()):
-  return [f'--config={TOY}', f'--workdir={workdir}', '--mode=train',
-          '--config.training.batch_size=16', f'--config.training.n_iters={n_iters}',
-          f'--config.training.snapshot_freq={snapshot_freq or freq}',
-          f'--config.training.snapshot_freq_for_preemption={freq}',
-          f'--config.training.log_freq={freq}', f'--config.training.eval_freq={freq}',
-          '--config.training.snapshot_sampling=False', *extra]
 
 
 # A NaN in every input of one training step (1-based `RELIABILITY_NAN_STEP`): the loss and every
@@ -72,18 +54,13 @@ app.run(main.main, flags_parser=main.parse_flags)
 '''
 
 
-def run_main(args, env_extra=None, nan_step=None, cache=CACHE, timeout=600):
-  cmd = [sys.executable, 'main.py', *args]
+def run_main(args, env_extra=None, nan_step=None, cache=harness.CACHE, timeout=600):
+  """harness.run_main, through NAN_DRIVER when nan_step (1-based) is given."""
+  program = None
   if nan_step is not None:
-    cmd = [sys.executable, '-c', NAN_DRIVER, *args]
+    program = NAN_DRIVER
     env_extra = dict(env_extra or {}, RELIABILITY_NAN_STEP=str(nan_step))
-  return subprocess.run(cmd, cwd=ROOT, env=env(env_extra, cache), capture_output=True, text=True,
-                        timeout=timeout)
-
-
-def _ok(r):
-  assert r.returncode == 0, r.stderr[-4000:]
-  return r
+  return harness.run_main(args, env_extra, cache=cache, timeout=timeout, program=program)
 
 
 def listing(directory):
@@ -121,7 +98,7 @@ def bitwise_equal(a, b):
 def train_base(workdir):
   """4 toy steps, every checkpoint every 2 steps: checkpoints/checkpoint_{1,2},
   checkpoints-meta/checkpoint_2."""
-  _ok(run_main(toy_args(workdir, n_iters=4)))
+  ok(run_main(toy_args(workdir, n_iters=4)))
   return workdir
 
 
@@ -187,7 +164,7 @@ def sigkill_trials(root, kills=12, seed=0, n_iters=60, freq=2, snapshot_freq=10)
     expect = max(_complete_steps(wd, freqs).values(), default=None)
     stale = set(_tmp_dirs(wd))  # left by earlier kills until this run's manager removes them
     with open(os.path.join(root, 'console.txt'), 'a') as console:
-      proc = subprocess.Popen([sys.executable, 'main.py', *args], cwd=ROOT, env=env(),
+      proc = subprocess.Popen([sys.executable, 'main.py', *args], cwd=ROOT, env=main_env(),
                               stdout=console, stderr=console)
     start = time.time()
     trial = {'kind': kind, 'expected_resume_step': expect}
@@ -234,7 +211,7 @@ def sigkill_trials(root, kills=12, seed=0, n_iters=60, freq=2, snapshot_freq=10)
   killed_s = time.time() - t0
   leftover_tmp = _tmp_dirs(wd)
   t1 = time.time()
-  _ok(run_main(toy_args(ref_dir, n_iters, freq=freq, snapshot_freq=snapshot_freq)))
+  ok(run_main(toy_args(ref_dir, n_iters, freq=freq, snapshot_freq=snapshot_freq)))
   final = os.path.join('checkpoints', f'checkpoint_{n_iters // snapshot_freq}')
   got, want = raw(os.path.join(wd, final)), raw(os.path.join(ref_dir, final))
   sums = [re.findall(r'params checksum (\S+)\.', open(os.path.join(d, 'stdout.txt')).read())[-1:]

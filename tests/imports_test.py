@@ -1,11 +1,12 @@
 """The module structure: no import cycle between the project's modules (imports inside functions
-count), names without TensorFlow or JAX, and modules short enough to read."""
+count), every top-level module part of the product (reached from main.py), names without
+TensorFlow or JAX, and modules short enough to read."""
 import ast
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 470
 
 
@@ -14,8 +15,7 @@ def _modules():
   out = {}
   for folder, prefix in ((ROOT, ''), (os.path.join(ROOT, 'models'), 'models.')):
     for f in os.listdir(folder):
-      if f.endswith('.py') and not f.endswith('_test.py') and f not in ('conftest.py',
-                                                                         '__init__.py'):
+      if f.endswith('.py') and not f.endswith('_test.py') and f != '__init__.py':
         out[prefix + f[:-3]] = os.path.join(folder, f)
   return out
 
@@ -65,13 +65,25 @@ def test_no_import_cycle():
   assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
 
 
+def test_every_top_level_module_is_reached_from_main():
+  modules = _modules()
+  graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+  reached, todo = set(), ['main']
+  while todo:
+    name = todo.pop()
+    if name not in reached:
+      reached.add(name)
+      todo.extend(graph[name])
+  assert not sorted(m for m in modules if '.' not in m and m not in reached)
+
+
 def test_cycle_finder_finds_a_cycle():
   assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': set()}) == ['a', 'b', 'c', 'a']
   assert _cycle({'a': {'b'}, 'b': set()}) is None
 
 
 def test_names_module_needs_neither_tensorflow_nor_jax():
-  code = ('import sys, layout, toy_data; '
+  code = ('import sys, names, toy_data; '
           'print(sorted(m for m in ("jax", "tensorflow") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        check=True).stdout.strip()

@@ -5,7 +5,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -13,9 +12,7 @@ import pytest
 
 import checkpoints
 import train_lib
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+from harness import ROOT, main_env
 
 
 def _free_port():
@@ -28,10 +25,7 @@ def _free_port():
 def test_two_processes_train_together(tmp_path):
   workdir = tmp_path / 'wd'
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_PLATFORMS='cpu')
+  env = main_env({'JAX_PLATFORMS': 'cpu'})
   args = ['--config=configs/toy/mog1d_ve.py', f'--workdir={workdir}', '--mode=train',
           '--config.training.batch_size=64', '--config.training.n_iters=4',
           '--config.training.snapshot_freq=2', '--config.training.snapshot_freq_for_preemption=2',

@@ -21,7 +21,7 @@ import pytest
 import config_checks
 import evaluation
 from configs.tiny.digits_ddpmpp import get_config
-from conftest import CONFIG, ROOT, SMALL, main_env, ok, run_main
+from harness import CONFIG, ROOT, SMALL, main_env, ok, run_main
 from evaluation_test import _FakeInception
 
 POOL_W = np.random.RandomState(5).randn(3, 16).astype(np.float32)
@@ -279,7 +279,8 @@ def test_toy_batch_part_reports_nats():
   the NLL does not depend on the key)."""
   import jax
   import datasets
-  import eval_parts
+  import dequantizers
+  import eval_batches
   import run_lib
   import sde_lib
   import toy_data
@@ -288,9 +289,10 @@ def test_toy_batch_part_reports_nats():
   config.eval.rtol = config.eval.atol = 1e-3
   sde, _ = sde_lib.get_sde(config)
   model, _, state = run_lib.build_state(config, jax.random.PRNGKey(0))
-  (part,) = eval_parts.get_batch_parts(config, sde, model, datasets.get_data_inverse_scaler(config))
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  (part,) = eval_batches.get_batch_parts(config, sde, model, inverse_scaler)
   x = np.asarray(toy_data.sample_toy('CHECKERBOARD', 0, 4), np.float32)
-  deq_x, corr = eval_parts.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
+  deq_x, corr = dequantizers.get_dequantize_fn(config, '.', 'deq')(jax.random.PRNGKey(1), x)
   np.testing.assert_array_equal(deq_x, x)
   out = part.fn(jax.random.PRNGKey(2), state.params_ema, state.model_state,
                 {'image': deq_x, 'deq_bpd': corr})
