@@ -377,6 +377,8 @@ BAD_CLI = [
    ['/no/such/ckpt', 'does not exist', 'restore_from'], None),
   ('unreadable restore_from', [f'--config={TINY}', '--config.training.restore_from=JUNK'],
    ['not a flax msgpack checkpoint', 'restore_from'], None),
+  ('no cluster to join', [f'--config={TINY}', '--distributed'],
+   ['--distributed found no cluster', '--coordinator_address'], None),
   ('missing mode', [f'--config={TINY}', '--mode='], ['--mode'], None),
 ]
 
