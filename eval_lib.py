@@ -11,6 +11,7 @@ Every file is written to a temporary name and renamed, and every batch / round d
 from fold_in(seed, checkpoint, part, repeat, batch), so a killed evaluation rerun with the same
 command skips what is stored and ends with exactly the results of an uninterrupted run.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,38 @@ import parallel
 import train_lib
 from eval_files import load_npz, save_npz, write_text
 
+
+def _is_main():
+  return jax.process_index() == 0
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+  """One checkpoint under evaluation: what every part of it reads, and its state, restored on
+  first use (only when some result is not stored yet)."""
+  config: object
+  mesh: object
+  scaler: object       # data -> model space
+  number: int          # N of checkpoint_N
+  path: str            # the checkpoint's folder
+  folder: str          # eval_dir/ckpt_N, where its results go
+  ckpts: object        # the run's checkpoints/ (read-only CheckpointDir)
+  target: object       # the replicated state restored into
+  _state: object = None
+
+  @property
+  def state(self):
+    if self._state is None:
+      self._state = self.ckpts.restore(self.number, self.target)
+      if _is_main():
+        logging.info('Restored %s (step %d).', self.path,
+                     int(checkpoints.to_host(self._state.step)))
+    return self._state
+
+  def key(self, kind, *indices):
+    """This checkpoint's noise of one part, repeat and batch (eval_key)."""
+    return eval_key(self.config.seed, self.number, kind, *indices)
+
 def eval_key(seed, ckpt, kind, *indices):
   """The key of one unit of eval work: PRNGKey(seed + 1) folded with ckpt, crc32(kind) and the
   indices; a rerun draws exactly the noise of an uninterrupted run, whatever was skipped."""
@@ -43,7 +76,7 @@ def eval_key(seed, ckpt, kind, *indices):
   return key
 
 
-def _wait_for_checkpoint(config, workdir, ckpt, is_main):
+def _wait_for_checkpoint(config, workdir, ckpt):
   """workdir/checkpoints/checkpoint_<ckpt>: fail fast if missing, or with eval.wait_for_ckpt poll
   every eval.wait_poll s for at most eval.wait_timeout s (0: forever)."""
   e = config.eval
@@ -53,7 +86,7 @@ def _wait_for_checkpoint(config, workdir, ckpt, is_main):
   if not e.wait_for_ckpt:
     raise FileNotFoundError(f'{path} not found: set --config.eval.begin_ckpt / end_ckpt to '
                             'existing checkpoints, or --config.eval.wait_for_ckpt=True to wait.')
-  if is_main:
+  if _is_main():
     logging.warning('Waiting for %s (looking every %g s, %s).', path, e.wait_poll,
                     f'at most {e.wait_timeout:g} s' if e.wait_timeout > 0 else 'no time limit')
   start = time.time()
@@ -68,51 +101,51 @@ def _wait_for_checkpoint(config, workdir, ckpt, is_main):
   return path
 
 
-def _progress(total, desc, unit, is_main):
+def _progress(total, desc, unit):
   from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit=unit, disable=not is_main, dynamic_ncols=True)
+  return tqdm(total=total, desc=desc, unit=unit, disable=not _is_main(), dynamic_ncols=True)
 
 
-def _eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler, mesh, is_main):
+def _eval_loss(ck, eval_ds, p_eval_step):
   """Eval loss (EMA params) over the whole eval split, ckpt_N/loss.npz; reused when stored."""
-  path = os.path.join(ckpt_dir, 'loss.npz')
+  path = os.path.join(ck.folder, 'loss.npz')
   if not os.path.exists(path):
-    state = get_state()
-    deq = config.data.uniform_dequantization and not names.is_toy(config)
+    state = ck.state
+    deq = ck.config.data.uniform_dequantization and not names.is_toy(ck.config)
     rows = []
     for i, batch in enumerate(eval_ds):
       images = parallel.to_numpy(batch['image'])
       if deq:  # the training data's dequantization, with per-batch noise
-        u = np.asarray(jax.random.uniform(eval_key(config.seed, ckpt, 'loss_dequantize', i),
-                                          images.shape, jnp.float32))
+        u = np.asarray(jax.random.uniform(ck.key('loss_dequantize', i), images.shape,
+                                          jnp.float32))
         images = (images * 255. + u) / 256.
-      x = parallel.global_batch({'image': np.asarray(scaler(images), np.float32)[None]}, mesh)
-      st = state.replace(rng=parallel.replicate(eval_key(config.seed, ckpt, 'loss', i), mesh))
+      x = parallel.global_batch({'image': np.asarray(ck.scaler(images), np.float32)[None]},
+                                ck.mesh)
+      st = state.replace(rng=parallel.replicate(ck.key('loss', i), ck.mesh))
       metrics = p_eval_step(st, x)
       rows.append({k: float(parallel.host(v)[0]) for k, v in metrics.items() if k.startswith('loss')})
     if not rows:
       raise ValueError('the eval split yielded no batch: lower --config.eval.batch_size.')
     arrays = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
-    if is_main:
+    if _is_main():
       save_npz(path, **arrays)
   else:
     arrays = load_npz(path)
   return {f'eval_{k}': float(np.mean(v)) for k, v in arrays.items()}
 
 
-def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get_state, scaler,
-                  mesh, is_main):
+def _eval_batches(ck, ds, repeats, parts, dequantize_fn):
   """The per-batch parts (bits/dim, ...) over `repeats` passes of ds, one file per batch and part;
   stored batches are skipped (the data are read in the same order and the noise of every batch is
   fixed by eval_key), so a resumed run stores exactly the batches of an uninterrupted one."""
-  e = config.eval
-  dirs = {p.name: os.path.join(ckpt_dir, p.name) for p in parts}
+  e = ck.config.eval
+  dirs = {p.name: os.path.join(ck.folder, p.name) for p in parts}
   done = {}
   for name, d in dirs.items():
-    if is_main:
+    if _is_main():
       os.makedirs(d, exist_ok=True)
     done[name] = set(os.listdir(d)) if os.path.isdir(d) else set()
-  parallel.sync(f'eval_batches_{ckpt}')  # every process decided what is stored before anyone writes
+  parallel.sync(f'eval_batches_{ck.number}')  # every process decided what is stored before anyone writes
   limit = e.num_bpd_batches or None
   try:
     per_pass = len(ds)
@@ -121,8 +154,7 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
   per_pass = min(per_pass, limit) if per_pass and limit else (per_pass or limit)
   results = {p.name: {} for p in parts}
   n_draws, index = e.get('num_deq_samples', 1), []
-  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ckpt} bits/dim', 'batch',
-                  is_main)
+  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ck.number} bits/dim', 'batch')
   n_seen = 0
   for r in range(repeats):
     for i, batch in enumerate(ds):
@@ -135,27 +167,28 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
         if fname in done[p.name]:
           out = load_npz(path)
         else:
-          state = get_state()
+          state = ck.state
           draws = n_draws if p.name == 'bpd' else 1  # draw k > 0 folds k into draw 0's keys
           while len(prepared) < draws:
-            images = parallel.global_batch(parallel.to_numpy(batch['image']).astype(np.float32), mesh, batch_axis=0)
+            images = parallel.global_batch(
+              parallel.to_numpy(batch['image']).astype(np.float32), ck.mesh, batch_axis=0)
             k = (len(prepared),) if prepared else ()
-            data, deq_bpd = dequantize_fn(eval_key(config.seed, ckpt, 'dequantize', r, i, *k), images)
-            prepared.append({'image': scaler(data), 'deq_bpd': deq_bpd})
+            data, deq_bpd = dequantize_fn(ck.key('dequantize', r, i, *k), images)
+            prepared.append({'image': ck.scaler(data), 'deq_bpd': deq_bpd})
           tic = time.time()
-          keys = [eval_key(config.seed, ckpt, p.name, r, i, *((k,) if k else ())) for k in range(draws)]
+          keys = [ck.key(p.name, r, i, *((k,) if k else ())) for k in range(draws)]
           out = eval_batches.run_part(p, keys, state.params_ema, state.model_state,
                                       prepared[:draws])
           out = {k: parallel.host(v) for k, v in out.items()}
           out['seconds'] = np.asarray(time.time() - tic)
-          if is_main:
+          if _is_main():
             save_npz(path, **out)
         for k, v in out.items():
           results[p.name].setdefault(k, []).append(v)
       index.append((r, i))
       n_seen += 1
-      if is_main and 'bpd' in results and 'bpd' in results['bpd']:
-        logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f', ckpt, r, i,
+      if _is_main() and 'bpd' in results and 'bpd' in results['bpd']:
+        logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f', ck.number, r, i,
                      float(np.mean(np.concatenate([np.ravel(a) for a in results['bpd']['bpd']]))))
       bar.update(1)
   bar.close()
@@ -164,7 +197,7 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
   summary = {}
   for p in parts:
     if p.name == 'ode_score':
-      summary.update(eval_batches.ode_score_summary(results[p.name], ckpt_dir, is_main))
+      summary.update(eval_batches.ode_score_summary(results[p.name], ck.folder, _is_main()))
     else:
       summary.update(eval_batches.mean_results(results[p.name],
                                                '' if p.name == 'bpd' else f'{p.name}_'))
@@ -175,35 +208,34 @@ def _eval_batches(ckpt, ckpt_dir, config, ds, repeats, parts, dequantize_fn, get
   return summary
 
 
-def _eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools, get_state, is_main):
+def _eval_samples(ck, sample_fn, inception, data_pools):
   """ceil(num_samples / batch_size) sampling rounds (ckpt_N/samples/samples_R.npz with uint8
   samples and their Inception pool_3 / logits; stored rounds are skipped), then IS/FID/KID of
   the first num_samples against the dataset stats."""
   import evaluation
-  e = config.eval
-  sdir = os.path.join(ckpt_dir, names.SAMPLES)
-  if is_main:
+  e = ck.config.eval
+  sdir = os.path.join(ck.folder, names.SAMPLES)
+  if _is_main():
     os.makedirs(sdir, exist_ok=True)
   done = set(os.listdir(sdir)) if os.path.isdir(sdir) else set()
-  parallel.sync(f'eval_samples_{ckpt}')
+  parallel.sync(f'eval_samples_{ck.number}')
   n_rounds = math.ceil(e.num_samples / e.batch_size)
-  bar = _progress(n_rounds, f'ckpt {ckpt} sampling', 'round', is_main)
+  bar = _progress(n_rounds, f'ckpt {ck.number} sampling', 'round')
   for r in range(n_rounds):
     path = os.path.join(sdir, f'samples_{r}.npz')
     if f'samples_{r}.npz' not in done:
-      state = get_state()
-      samples, nfe = sample_fn(eval_key(config.seed, ckpt, 'sample', r), state.params_ema,
-                               state.model_state)
+      state = ck.state
+      samples, nfe = sample_fn(ck.key('sample', r), state.params_ema, state.model_state)
       images = np.clip(parallel.host(samples) * 255., 0, 255).astype(np.uint8)  # as score_flow
-      if is_main:
+      if _is_main():
         latents = evaluation.run_inception(images, inception, batch_size=min(e.batch_size, 256))
         save_npz(path, samples=images, pool_3=latents['pool_3'], logits=latents['logits'],
                   nfe=parallel.host(nfe))
-        logging.info('sampling -- ckpt: %d, round: %d', ckpt, r)
+        logging.info('sampling -- ckpt: %d, round: %d', ck.number, r)
     bar.update(1)
   bar.close()
-  parallel.sync(f'eval_samples_done_{ckpt}')
-  if not is_main:
+  parallel.sync(f'eval_samples_done_{ck.number}')
+  if not _is_main():
     return {}
   rounds = [load_npz(os.path.join(sdir, f'samples_{r}.npz')) for r in range(n_rounds)]
   pools = np.concatenate([d['pool_3'] for d in rounds])[:e.num_samples]
@@ -247,7 +279,7 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
   from models import utils as mutils
 
   e = config.eval
-  is_main = jax.process_index() == 0
+  is_main = _is_main()
   eval_dir = os.path.join(workdir, eval_folder)
   if is_main:
     os.makedirs(eval_dir, exist_ok=True)
@@ -257,7 +289,7 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
   inverse_scaler = datasets.get_data_inverse_scaler(config)
 
   # Everything that can fail on user input comes before the model and the data.
-  _wait_for_checkpoint(config, workdir, e.begin_ckpt, is_main)
+  _wait_for_checkpoint(config, workdir, e.begin_ckpt)
   sampler = None
   if e.enable_sampling:
     shape = (e.batch_size,) + tuple(mutils.get_data_shape(config))
@@ -293,36 +325,23 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
     bpd_ds, repeats = (train_ds, 1) if train_bpd else (eval_ds, e.num_repeats)
 
   for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
-    ckpt_path = _wait_for_checkpoint(config, workdir, ckpt, is_main)
-    ckpt_dir = os.path.join(eval_dir, f'ckpt_{ckpt}')
+    ck = _Checkpoint(config, mesh, scaler, ckpt, _wait_for_checkpoint(config, workdir, ckpt),
+                     os.path.join(eval_dir, f'ckpt_{ckpt}'),
+                     _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS)), target)
     if is_main:
-      os.makedirs(ckpt_dir, exist_ok=True)
-    ckpts = _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS))
-    holder = {}
-
-    def get_state(ckpts=ckpts, ckpt=ckpt, holder=holder, ckpt_path=ckpt_path):
-      if 'state' not in holder:  # restored only when some result is not stored yet
-        holder['state'] = ckpts.restore(ckpt, target)
-        if is_main:
-          logging.info('Restored %s (step %d).', ckpt_path, int(checkpoints.to_host(
-            holder['state'].step)))
-      return holder['state']
-
-    summary = {'ckpt': ckpt, 'step': ckpts.training_step(ckpt)}
+      os.makedirs(ck.folder, exist_ok=True)
+    summary = {'ckpt': ckpt, 'step': ck.ckpts.training_step(ckpt)}
     tic = time.time()
     if e.enable_loss:
-      summary.update(_eval_loss(ckpt, ckpt_dir, config, eval_ds, get_state, p_eval_step, scaler,
-                                mesh, is_main))
+      summary.update(_eval_loss(ck, eval_ds, p_eval_step))
     if parts:
-      summary.update(_eval_batches(ckpt, ckpt_dir, config, bpd_ds, repeats, parts, dequantize_fn,
-                                   get_state, scaler, mesh, is_main))
+      summary.update(_eval_batches(ck, bpd_ds, repeats, parts, dequantize_fn))
     if e.enable_sampling:
-      summary.update(_eval_samples(ckpt, ckpt_dir, config, sample_fn, inception, data_pools,
-                                   get_state, is_main))
-    ckpts.close()
+      summary.update(_eval_samples(ck, sample_fn, inception, data_pools))
+    ck.ckpts.close()
     if is_main:
       summary['seconds_this_run'] = time.time() - tic
-      write_text(os.path.join(ckpt_dir, 'summary.json'), json.dumps(summary, indent=2))
+      write_text(os.path.join(ck.folder, 'summary.json'), json.dumps(summary, indent=2))
       eval_files.write_summary_csv(eval_dir)
       logging.info('ckpt-%d --- %s', ckpt, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
