@@ -28,7 +28,7 @@ ORDERS = (1, 2, 3)
 BATCH = {1: 128, 2: 128, 3: 48}
 
 # ---- the hours estimate: every figure below is an assumption or a CPU measurement, none is an
-# accelerator measurement (no accelerator was lent to this project).
+# accelerator measurement.
 ASSUMED_TFLOPS = 40.  # sustained float32 (TF32) throughput of one current data-centre GPU: a guess
 # XLA cost analysis of the order-2 / order-3 step over order 1, full-size CIFAR-10 DDPM++ and
 # NCSN++ (README, Performance: 2.02x and 4.10x for both); assumed for the deep DDPM++ too.
@@ -87,13 +87,13 @@ EXPERIMENTS = (
     None, 61.53, ('bpd', 'bound', 'bpd_deq')),
 )
 
-# The paper's numbers this project's references hold (never filled in from memory): REFERENCE.md,
-# "Published numbers (CIFAR-10 bits/dim unless said)": "This paper (VE, second / third order):
-# 3.44 / 3.38 bits/dim, FID 2.37 / 2.95." It does not say which dequantization the bits/dim used;
-# the seed README says the models were not trained with variational dequantization.
+# The paper's published CIFAR-10 results (Lu et al., ICML 2022; VE, second / third order): 3.44 /
+# 3.38 bits/dim, FID 2.37 / 2.95. It does not say which dequantization the bits/dim used; the
+# README of the paper's code (mle_score_ode) says its models were not trained with variational
+# dequantization.
 PAPER = {('cifar10_ve', 2, 'bpd'): '3.44', ('cifar10_ve', 3, 'bpd'): '3.38',
          ('cifar10_ve', 2, 'fid'): '2.37', ('cifar10_ve', 3, 'fid'): '2.95'}
-NOT_HELD = 'in the paper, not in our references'
+NOT_HELD = 'in the paper, not transcribed here'
 
 
 def last_checkpoint(n_iters, snapshot_freq):
@@ -214,11 +214,11 @@ def markdown():
             f'sustained on one GPU; evals assume {ASSUMED_NFE} function evaluations per ODE '
             'solve (forward + one vector-Jacobian product for bits/dim, forward only for the '
             'bound and sampling); Inception and the dequantizer\'s training are not counted.', '',
-            'Paper numbers: REFERENCE.md\'s "This paper (VE, second / third order): 3.44 / 3.38 '
-            'bits/dim, FID 2.37 / 2.95" (CIFAR-10). It does not name the dequantization; they sit '
-            'in the uniform rows because the seed README says the models were not trained with '
-            f'variational dequantization. "{NOT_HELD}": see the paper (arXiv 2206.08265), whose '
-            'tables this project has not transcribed.']
+            'Paper numbers: the published CIFAR-10 results (VE, second / third order: 3.44 / '
+            '3.38 bits/dim, FID 2.37 / 2.95). The paper does not name the dequantization; they '
+            'sit in the uniform rows because the README of its code (mle_score_ode) says the '
+            f'models were not trained with variational dequantization. "{NOT_HELD}": see the '
+            'paper (arXiv 2206.08265).']
   seen, stats = set(), {}  # each command once; fid_stats once per dataset (one stats file)
   for exp in EXPERIMENTS:
     config = configs.load(exp.config)
