@@ -57,8 +57,8 @@ def check_tfds_available(config):
 def validate_config(config, mode='train', workdir=None):
   """Raise ValueError / FileNotFoundError (one line: problem and fix) for a config that cannot
   run in `mode`: the one check of every job (main.py runs it before any folder is made; the jobs
-  run it for library callers unless told the caller did). Cheap: builds no model, reads no data;
-  needs the JAX backend only for the device count."""
+  run it for library callers unless told the caller did; train_deq adds deq_lib.check_config).
+  Cheap: builds no model, reads no data; needs the JAX backend only for the device count."""
   import sde_lib
   if mode not in names.MODES:
     raise ValueError(f"Unknown mode '{mode}': set --mode to one of {', '.join(names.MODES)}.")
@@ -138,9 +138,6 @@ def validate_config(config, mode='train', workdir=None):
     validate_eval(config, workdir)
   if mode == 'fid_stats':
     validate_fid_stats(config)
-  if mode == 'train_deq':
-    import deq_lib
-    deq_lib.check_config(config, workdir)
 
 
 def _check_inception_handle(config):

@@ -156,11 +156,10 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
 def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER, check=True):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
   model in workdir/deq_folder, logging to its stdout.txt; resumes from the newest checkpoint
-  there. Returns the final (replicated) state. check=False skips config_checks.validate_config
-  when the caller has run it (main.py)."""
+  there. Returns the final (replicated) state. check=False skips check_config when the caller
+  has run it (main.py)."""
   if check:
-    import config_checks
-    config_checks.validate_config(config, 'train_deq', workdir)
+    check_config(config, workdir)
   import datasets
   from models import flowpp
 

@@ -188,6 +188,8 @@ def run(fv):
       handler = train_lib.log_to_file(eval_dir)
       run_lib.evaluate(config, workdir, fv.eval_folder, fv.deq_folder, check=False)
     elif mode == 'train_deq':
+      import deq_lib
+      deq_lib.check_config(config, workdir)  # before the dequantizer's folder is made
       deq_dir = names.deq_dir(workdir, fv.deq_folder)
       os.makedirs(deq_dir, exist_ok=True)
       handler = train_lib.log_to_file(deq_dir)
