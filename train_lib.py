@@ -1,8 +1,9 @@
 """Training: the one guarded loop (resume, checkpoints, non-finite stop/skip, logging, progress)
 that the score model (`train`) and the variational dequantizer (deq_lib.train_deq) share.
 
-One jitted call runs training.n_jitted_steps steps (lax.scan), data-parallel over every device of
-every process (parallel.py). Workdir layout: names.py.
+Each call runs training.n_jitted_steps steps (a jitted lax.scan, or on a CPU a Python loop over
+the jitted step), data-parallel over every device of every process (parallel.py). Workdir
+layout: names.py.
 """
 import dataclasses
 import logging
