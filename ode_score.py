@@ -129,9 +129,10 @@ def ode_score_gap(rng, score_fn, data, sde, nt=DEFAULT_NT, eps=1e-5, rtol=1e-5, 
   (xs, s_odes), nfe_bwd = ode_solver.solve(get_score_dynamics_fn(sde, score_fn, probes),
                                            (x_T, s_T), sde.T, eps, rtol=rtol, atol=atol,
                                            max_steps=max_steps, save_ts=ts[::-1])
+  xs, s_odes = xs[::-1], s_odes[::-1]
   result, scores = jax.lax.map(
-    lambda args: _diagnostics(score_fn, sde, probes, *args), (ts, xs[::-1], s_odes[::-1]))
-  return _finish(result, scores, ts, xs[::-1], s_odes[::-1], nfe_fwd, nfe_bwd, return_trajectory)
+    lambda args: _diagnostics(score_fn, sde, probes, *args), (ts, xs, s_odes))
+  return _finish(result, scores, ts, xs, s_odes, nfe_fwd, nfe_bwd, return_trajectory)
 
 
 def _start(rng, score_fn, data, sde, nt, eps, rtol, atol, hutchinson_type, exact_div, max_steps):
