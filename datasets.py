@@ -2,8 +2,8 @@
 
 API of score_sde's `datasets.py`: `get_data_scaler`, `get_data_inverse_scaler` and
 `get_dataset(config, additional_dim, uniform_dequantization, evaluation)`, which returns tf.data
-pipelines of dicts {'image': float32, 'label': int32}. Images are in [0, 1] (the scaler maps them
-to the model's range); a host batch is [per_host_batch, ...] or [additional_dim, per_host_batch,
+pipelines (for the toy distributions numpy `toy_data.ToyBatches`) of dicts {'image': float32, 'label':
+int32}. Images are in [0, 1] (the scaler maps them to the model's range); a host batch is [per_host_batch, ...] or [additional_dim, per_host_batch,
 ...] with per_host_batch = batch_size // jax.process_count(); the training loop shards it over the
 local devices.
 
@@ -21,14 +21,10 @@ import tarfile
 import jax
 import numpy as np
 
-import tf_import
 from names import KNOWN_DATASETS, LOCAL_DATASETS, TOY_DATASETS, is_toy
 from patterns_data import pattern_arrays
-from toy_data import sample_toy, toy_dim
-
-tf = tf_import.import_tensorflow()
-with tf_import.quiet_native_stderr():
-  import tensorflow_datasets as tfds
+from tf_import import tf, tfds
+from toy_data import ToyBatches, toy_dim
 
 SHUFFLE_BUFFER_SIZE = 10000
 # Samples per host in a toy evaluation pass (toy.py scored 5000 fresh samples per repeat).
@@ -50,30 +46,23 @@ def get_data_inverse_scaler(config):
 
 
 # ------------------------------------------------------------------------------------------------
-# Toy distributions (toy_data.py) as tf.data.
+# Toy distributions (toy_data.py) as numpy batches: no TensorFlow in a toy run.
 
 def _toy_dataset(config, name, split_id, batch_dims, num_batches):
-  """tf.data stream of toy batches seeded from (config.seed, process_index, split)."""
   dim = toy_dim(name)
   want = config.data.get('dim', dim)
   if want != dim:
     raise ValueError(f'{name} is {dim}-dimensional but config.data.dim = {want}; set '
                      f'--config.data.dim={dim}.')
-  shape = tuple(batch_dims) + (dim,)
-  size = int(np.prod(batch_dims))
   seed = (int(config.seed) % 2 ** 32, jax.process_index(), split_id)
+  return ToyBatches(name, seed, tuple(batch_dims) + (dim,), num_batches)
 
-  def gen():
-    rng = np.random.default_rng(seed)
-    i = 0
-    while num_batches is None or i < num_batches:
-      x = sample_toy(name, rng, size).reshape(shape)
-      yield {'image': x, 'label': np.zeros(shape[:-1], np.int32)}
-      i += 1
 
-  spec = {'image': tf.TensorSpec(shape, tf.float32), 'label': tf.TensorSpec(shape[:-1], tf.int32)}
-  ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-  return ds.prefetch(tf.data.AUTOTUNE)
+def seed_pipeline(config, seed):
+  """Seed TensorFlow's random ops (flips, dequantization noise) of an image pipeline; toy
+  streams are seeded by their own numpy generators."""
+  if not is_toy(config.data.dataset):
+    tf.random.set_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def toy_config(name, batch=500):
 
 
 def first(ds):
-  return next(iter(tfds.as_numpy(ds)))
+  return next(iter(ds if isinstance(ds, toy_data.ToyBatches) else tfds.as_numpy(ds)))
 
 
 # ----------------------------------------------------------------------------------------- toy
@@ -153,9 +153,13 @@ def test_toy_stream_shapes_seeding_and_eval_length():
   assert first(train)['image'].shape == (3, 100, 2)
   # Evaluation: a finite, repeatable pass of toy_eval_size samples.
   _, evl, _ = datasets.get_dataset(config, evaluation=True)
-  batches = list(tfds.as_numpy(evl))
+  batches = list(evl)
   assert len(batches) == datasets.TOY_EVAL_SIZE // 100
-  np.testing.assert_array_equal(next(iter(tfds.as_numpy(evl)))['image'], batches[0]['image'])
+  np.testing.assert_array_equal(first(evl)['image'], batches[0]['image'])
+  # A resumed run skips the batches it consumed and sees the rest of the same stream.
+  rest = list(evl.skip(3))
+  assert len(rest) == len(batches) - 3
+  np.testing.assert_array_equal(rest[0]['image'], batches[3]['image'])
 
 
 def test_toy_stream_is_sharded_by_process(monkeypatch):

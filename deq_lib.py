@@ -174,7 +174,7 @@ def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER, check=True):
       config, workdir, mesh)
     logging.info('Loaded the score model (EMA params) from %s.', score_path)
 
-    datasets.tf.random.set_seed(config.seed + jax.process_index())
+    datasets.seed_pipeline(config, config.seed + jax.process_index())
     train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=t.n_jitted_steps,
                                                 uniform_dequantization=False)
     scaler = datasets.get_data_scaler(config)

@@ -21,10 +21,9 @@ from absl import logging
 import numpy as np
 import scipy.special
 
-import tf_import
 from names import stats_filename, stats_path
-
-tf = tf_import.import_tensorflow()
+import tf_import
+from tf_import import tf
 
 INCEPTION_TFHUB = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
 INCEPTION_OUTPUT = 'logits'
@@ -56,6 +55,7 @@ def get_inception_model(handle=None):
          'directory with --config.eval.inception_handle=/path')
   if not _is_remote(handle) and not os.path.isdir(handle):
     raise ValueError(f'Inception module directory {handle!r} does not exist; {fix}.')
+  tf_import.import_tensorflow()  # before tensorflow_hub imports it: quiet, off the GPUs
   import tensorflow_hub as hub
   try:
     model = hub.load(handle)

@@ -166,11 +166,6 @@ def run(fv):
   except (ValueError, FileNotFoundError) as e:
     fail(e)
 
-  try:
-    import tf_import
-    tf_import.import_tensorflow()
-  except ImportError:
-    pass
   import run_lib
   import train_lib
   absl_logging.get_absl_handler().addFilter(train_lib.QuietLibraries())

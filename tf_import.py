@@ -32,3 +32,27 @@ def import_tensorflow():
     except (RuntimeError, ValueError):  # TF already initialised its devices; nothing to do.
       pass
   return tf
+
+
+class Lazy:
+  """A module imported on first attribute access, so that programs that never touch it (toy
+  runs, config checks) do not pay TensorFlow's seconds of start-up."""
+
+  def __init__(self, load):
+    self._load, self._module = load, None
+
+  def __getattr__(self, name):
+    if self._module is None:
+      self._module = self._load()
+    return getattr(self._module, name)
+
+
+def _import_tfds():
+  import_tensorflow()
+  with quiet_native_stderr():
+    import tensorflow_datasets
+  return tensorflow_datasets
+
+
+tf = Lazy(import_tensorflow)
+tfds = Lazy(_import_tfds)

@@ -126,3 +126,25 @@ def toy_true_nll(name):
     return float(value)
   raise ValueError('SWISSROLL has no closed-form density, so no exact NLL; estimate it from '
                    'samples or use MOG1D, CHECKERBOARD or POINT.')
+
+
+class ToyBatches:
+  """A toy stream of {'image', 'label'} numpy batches seeded from (config.seed, process_index,
+  split): iterating starts it afresh; `skip(n)` is the stream without its first n batches."""
+
+  def __init__(self, name, seed, shape, num_batches, skipped=0):
+    self.name, self.seed, self.shape = name, seed, shape
+    self.num_batches, self.skipped = num_batches, skipped
+
+  def skip(self, n):
+    return ToyBatches(self.name, self.seed, self.shape, self.num_batches, self.skipped + n)
+
+  def __iter__(self):
+    rng = np.random.default_rng(self.seed)
+    size = int(np.prod(self.shape[:-1]))
+    i = 0
+    while self.num_batches is None or i < self.num_batches:
+      x = sample_toy(self.name, rng, size).reshape(self.shape).astype(np.float32)
+      if i >= self.skipped:
+        yield {'image': x, 'label': np.zeros(self.shape[:-1], np.int32)}
+      i += 1

@@ -62,23 +62,37 @@ def params_checksum(params):
 
 
 class Writer:
-  """TensorBoard scalars on process 0 (no-op elsewhere)."""
+  """TensorBoard scalars on process 0 (no-op elsewhere), written with TensorBoard's record writer
+  (tf.summary's events, without TensorFlow: a toy run never imports it)."""
 
   def __init__(self, tb_dir):
-    self._w = None
+    self._f = None
     if jax.process_index() == 0:
-      from flax.metrics import tensorboard
-      self._w = tensorboard.SummaryWriter(tb_dir)
+      import socket
+      from tensorboard.summary.writer.record_writer import RecordWriter
+      os.makedirs(tb_dir, exist_ok=True)
+      name = f'events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}'
+      self._f = open(os.path.join(tb_dir, name), 'wb')
+      self._w = RecordWriter(self._f)
+      self._event(file_version='brain.Event:2')
+
+  def _event(self, **fields):
+    from tensorboard.compat.proto import event_pb2
+    self._w.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+    self._f.flush()
 
   def scalars(self, metrics, step, prefix):
-    if self._w is not None:
-      for k, v in metrics.items():
-        self._w.scalar(f'{prefix}_{k}', v, step)
-      self._w.flush()
+    if self._f is not None:
+      from tensorboard.compat.proto import summary_pb2
+      from tensorboard.plugins.scalar import summary_v2
+      summary = summary_pb2.Summary(value=[
+        v for k, x in metrics.items()
+        for v in summary_v2.scalar_pb(f'{prefix}_{k}', float(x)).value])
+      self._event(step=int(step), summary=summary)
 
   def close(self):
-    if self._w is not None:
-      self._w.close()
+    if self._f is not None:
+      self._f.close()
 
 
 def save_samples(sample, directory):
@@ -312,7 +326,7 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(os.path.join(workdir, names.TENSORBOARD), exist_ok=True)
-  datasets.tf.random.set_seed(config.seed + jax.process_index())
+  datasets.seed_pipeline(config, config.seed + jax.process_index())
   train_ds, eval_ds, _ = datasets.get_dataset(
     config, additional_dim=t.n_jitted_steps,
     uniform_dequantization=config.data.uniform_dequantization)

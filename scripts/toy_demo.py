@@ -189,13 +189,8 @@ def run_stage(stage, slot):
   return row
 
 
-def _init_worker(lock, threads):
-  """`threads` TensorFlow threads per worker (it only streams toy batches) and a shared tqdm
-  lock. XLA keeps its own thread pool: XLA_FLAGS set here, after jax is imported, would not take
-  effect."""
-  import datasets
-  datasets.tf.config.threading.set_intra_op_parallelism_threads(threads)
-  datasets.tf.config.threading.set_inter_op_parallelism_threads(threads)
+def _init_worker(lock):
+  """A shared tqdm lock for the workers' progress bars."""
   tqdm.tqdm.set_lock(lock)
   logging.set_verbosity(logging.WARNING)
 
@@ -242,9 +237,8 @@ def run_all(stages):
   ctx = multiprocessing.get_context('spawn')
   lock = ctx.RLock()  # one lock for every process's progress bars
   tqdm.tqdm.set_lock(lock)
-  threads = max(1, (os.cpu_count() or 1) // FLAGS.jobs)
   with cf.ProcessPoolExecutor(FLAGS.jobs, mp_context=ctx, initializer=_init_worker,
-                              initargs=(lock, threads)) as pool:
+                              initargs=(lock,)) as pool:
     while pending or running:
       ready = sorted((s for s in pending if s['after'] is None or s['after'] in done),
                      key=lambda s: -s['cost'])

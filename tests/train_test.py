@@ -18,7 +18,7 @@ from PIL import Image
 
 import checkpoints
 from harness import ok as _ok
-from harness import run_main, train_args
+from harness import run_main, toy_args, train_args
 from restore_from_test import STEP, foreign_file
 
 
@@ -223,3 +223,13 @@ def test_cli_refuses_a_foreign_start_before_any_work(tmp_path):
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
   assert 'do not match the model' in lines[0] and 'vs model (32,)' in lines[0], lines[0]
   assert not workdir.exists()
+
+
+def test_toy_run_never_imports_tensorflow(tmp_path):
+  """TensorFlow (seconds of start-up) is for image data and Inception; a toy run skips it."""
+  program = ('import runpy, sys; sys.argv[0] = "main.py"\n'
+             'try:\n  runpy.run_path("main.py", run_name="__main__")\n'
+             'finally:\n  print("tensorflow imported:", "tensorflow" in sys.modules)')
+  r = _ok(run_main(toy_args(tmp_path / 'wd', n_iters=2), program=program))
+  assert 'tensorflow imported: False' in r.stdout, r.stdout[-2000:]
+  assert (tmp_path / 'wd' / 'checkpoints' / 'checkpoint_1').is_dir()
