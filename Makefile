@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loops.py
 	$(BIN)/python benchmarks/memory.py timing
 	$(BIN)/python benchmarks/memory.py measure --jobs 2
-	$(BIN)/python benchmarks/memory.py readme --results runs/bench/memory_cifar10.csv \
+	$(BIN)/python benchmarks/memory.py doc --results runs/bench/memory_cifar10.csv \
 	  | tee runs/bench/memory.md
 
 clean:

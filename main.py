@@ -23,7 +23,8 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values, argv=None):
   """The CLI's flags on flag_values: FLAGS here (config overrides found in sys.argv); recipes_test
-  parses the README's commands with a fresh absl FlagValues and their argv, as this CLI does."""
+  parses docs/recipes.md's commands with a fresh absl FlagValues and their argv, as this CLI
+  does."""
   fv = {'flag_values': flag_values}
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True,
                                   sys_argv=argv, **fv)

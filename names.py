@@ -37,7 +37,7 @@ def is_toy(config_or_name):
 
 
 def dequantizer_name(value):
-  """eval.dequantizer -> one of DEQUANTIZERS (False: 'uniform', True: 'flowpp', as before)."""
+  """eval.dequantizer -> one of DEQUANTIZERS (False: 'uniform', True: 'flowpp', as score_flow's)."""
   name = {False: 'uniform', True: 'flowpp'}[value] if isinstance(value, bool) else value
   if name not in DEQUANTIZERS:
     raise ValueError(f'eval.dequantizer is {value!r}: set --config.eval.dequantizer to one of '

@@ -13,7 +13,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-if os.path.join(ROOT, 'scripts') not in sys.path:  # readme_sections
+if os.path.join(ROOT, 'scripts') not in sys.path:  # doc_sections
   sys.path.append(os.path.join(ROOT, 'scripts'))
 
 import jax

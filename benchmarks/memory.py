@@ -3,10 +3,11 @@
   .venv/bin/python benchmarks/memory.py measure [--jobs 2]   # full-size peak memory (compile only)
   .venv/bin/python benchmarks/memory.py timing               # time cost of each setting (tiny)
   .venv/bin/python benchmarks/memory.py recommend [--memory_gb 40]
-  .venv/bin/python benchmarks/memory.py readme [--write | --check]   # README's memory section
+  .venv/bin/python benchmarks/memory.py doc [--write | --check]   # docs/performance.md's section
 
 measure: the whole jitted training step (losses.get_step_fn with Adam and EMA, the state donated)
-of the full-size CIFAR-10 configs at the paper's batch (128 on one device), compiled only
+of the full-size CIFAR-10 configs at batch 128 on one device (the batch of the paper's code for
+orders 1 and 2; its order-3 configs use 48 to fit memory), compiled only
 (abstract state, no accelerator needed; the microbatches as the lax.scan that accelerators run):
 peak = arguments + outputs - aliased + XLA temp bytes, as `compile().memory_analysis()` reports
 them for this backend. Each row compiles in its own process (--jobs at once) with LLVM's
@@ -17,8 +18,9 @@ timing: median step time of each setting on the tiny DDPM++ (batch 16) on this m
 the microbatches unrolled, parallel.UNROLLED_BACKENDS), as a ratio to the plain step of the same
 order, timed round-robin with it.
 recommend: for each order and device memory, the fastest measured setting whose peak leaves 10%
-headroom (--results, default the committed table of the README's run).
-readme: the README section (tables of memory, time cost and recommendations) from --results.
+headroom (--results, default the committed table, benchmarks/results/memory_cifar10.csv).
+doc: the `memory` section of docs/performance.md (tables of memory, time cost and
+recommendations) from --results.
 """
 import argparse
 import concurrent.futures
@@ -35,7 +37,7 @@ import jax
 import losses
 import optim
 import parallel
-import readme_sections
+import doc_sections
 import sde_lib
 import train_lib
 import train_state as ts
@@ -49,7 +51,8 @@ FIELDS = ['config', 'batch', 'order', 'n_microbatches', 'remat', 'peak_gib', 'te
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'memory_cifar10.csv')
 DEVICE_GB = (16, 24, 40, 80)
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-SECTION = 'memory'  # README's generated section (readme_sections)
+SECTION = 'memory'  # the generated section of DOC (doc_sections)
+DOC = os.path.join(doc_sections.DOCS, 'performance.md')
 REMATS = tuple(losses.REMAT_POLICIES)  # none, convs, nothing
 # timing: the most microbatches timed per order. On a CPU they are unrolled, and 16 unrolled copies
 # of the tiny order-3 step took over 5 min and 15 GB to compile (4: 133 s, 3.4 GB).
@@ -196,8 +199,8 @@ def _gib(rows, name, order, n, remat):
   return f'{peak[0]:.1f}' if peak else '-'
 
 
-def readme_text(rows, device_gb=DEVICE_GB):
-  """README's memory section: full-size peak GiB by setting, tiny-model time cost, the
+def section_text(rows, device_gb=DEVICE_GB):
+  """docs/performance.md's memory section: full-size peak GiB by setting, tiny-model time cost, the
   recommendation per device size (rows as read_rows gives them)."""
   full = [r for r in rows if r['config'] in FULL]
   names = [n for n in FULL if any(r['config'] == n for r in full)]
@@ -247,7 +250,7 @@ def readme_text(rows, device_gb=DEVICE_GB):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('what', choices=['measure', 'timing', 'recommend', 'readme', 'row'])
+  p.add_argument('what', choices=['measure', 'timing', 'recommend', 'doc', 'row'])
   p.add_argument('--configs', default='cifar10_ddpmpp,cifar10_ncsnpp')
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--orders', default='3,2,1')
@@ -257,10 +260,10 @@ def main():
   p.add_argument('--jobs', type=int, default=2, help='measure: settings compiled at once')
   p.add_argument('--repeats', type=int, default=7)
   p.add_argument('--csv', default=bc.default_out('memory_cifar10.csv'), help='rows written')
-  p.add_argument('--results', default=RESULTS, help='rows read by recommend and readme')
+  p.add_argument('--results', default=RESULTS, help='rows read by recommend and doc')
   p.add_argument('--memory_gb', default=','.join(map(str, DEVICE_GB)))
-  p.add_argument('--write', action='store_true', help='readme: rewrite the section in README.md')
-  p.add_argument('--check', action='store_true', help='readme: exit 1 if README.md differs')
+  p.add_argument('--write', action='store_true', help='doc: rewrite its section of docs/performance.md')
+  p.add_argument('--check', action='store_true', help='doc: exit 1 if docs/performance.md differs')
   args = p.parse_args()
   args.orders = [int(o) for o in args.orders.split(',')]
   args.microbatches = [int(n) for n in args.microbatches.split(',')]
@@ -271,9 +274,9 @@ def main():
     print(json.dumps(measure(args.configs, args.batch, args.orders[0], args.microbatches[0],
                              args.remats[0])))
     return
-  if args.what == 'readme':
-    readme_sections.write_or_check(SECTION, readme_text(read_rows(args.results)), args.write,
-                                   args.check)
+  if args.what == 'doc':
+    doc_sections.write_or_check(SECTION, section_text(read_rows(args.results)), args.write,
+                                args.check, DOC)
     return
   print(bc.machine_line(), flush=True)
   if args.what == 'measure':

@@ -1,10 +1,10 @@
-"""benchmarks/memory.py: its configs, the grid run (children, resume), recommend, README section."""
+"""benchmarks/memory.py: its configs, the grid run (children, resume), recommend, docs section."""
 import os
 import subprocess
 import sys
 
 import memory  # benchmarks/ is on sys.path in pytest (the test's folder) and when run from here
-import readme_sections
+import doc_sections
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,12 +48,11 @@ def test_recommend_takes_the_fastest_setting_that_fits_with_headroom():
   assert memory.recommend(rows, 16)[('cifar10_ddpmpp', 1)] == (rows[-2], 0.8)
 
 
-def test_readme_section_is_generated_from_the_committed_rows():
-  with open(readme_sections.README) as f:
-    text = readme_sections.section(f.read(), memory.SECTION)
-  assert text == memory.readme_text(memory.read_rows(memory.RESULTS)), (
-    'README.md differs from benchmarks/results/memory_cifar10.csv: run '
-    'python benchmarks/memory.py readme --write')
+def test_doc_section_is_generated_from_the_committed_rows():
+  text = doc_sections.read_section(memory.DOC, memory.SECTION)
+  assert text == memory.section_text(memory.read_rows(memory.RESULTS)), (
+    'docs/performance.md differs from benchmarks/results/memory_cifar10.csv: run '
+    'python benchmarks/memory.py doc --write')
 
 
 def test_measure_compiles_each_setting_in_a_child_and_resumes(tmp_path):

@@ -7,7 +7,7 @@ as ratios to order 1 of the same formulation and config (measured within this ru
 
 Formulations:
 - ours: losses.get_sde_loss_fn (score_matching_losses).
-- seed: `seed_formulation`, the order-1/2/3 loss of LuChengTHU/mle_score_ode losses.py re-created
+- original: `original_formulation`, the order-1/2/3 loss of LuChengTHU/mle_score_ode losses.py re-created
   on current JAX with the same maths and the same autodiff structure: order 2 takes the score
   and J v from one `jax.jvp`; order 3 takes `jax.grad` of <v, J v> with (J v, score) as aux.
 - naive (--formulations naive): separate passes (a score call, a separate jvp for J v and a
@@ -23,7 +23,7 @@ does for other models: forward-over-forward in 1-D, reverse over the linearized 
 
 Full-size configs (--full cifar10_ddpmpp,cifar10_ncsnpp; off by default, ~6 min per config on
 2 CPU cores) are compile-only (no timing): abstract parameters (jax.eval_shape), batch
---full-batch per device, formulation ours (the seed compiles to the same figures).
+--full-batch per device, formulation ours (the original compiles to the same figures).
 
   .venv/bin/python benchmarks/train_step.py [--quick] [--out runs/bench/train_step.md]
   .venv/bin/python benchmarks/train_step.py --configs '' --full cifar10_ddpmpp,cifar10_ncsnpp
@@ -49,7 +49,7 @@ MiB = 2. ** 20
 # ------------------------------------------------------------------------------------------------
 # The original formulation (mle_score_ode losses.py get_sde_loss_fn), on current JAX.
 # ------------------------------------------------------------------------------------------------
-def seed_formulation(sde, model, train, reduce_mean=True, continuous=True,
+def original_formulation(sde, model, train, reduce_mean=True, continuous=True,
                      likelihood_weighting=True, importance_weighting=True, eps=1e-5,
                      score_matching_order=1, naive=False):
   """loss_fn(rng, params, states, batch) -> (loss, (new_state, loss1, loss2, loss3)).
@@ -255,7 +255,7 @@ def build_loss(formulation, sde, model, config, order):
   if formulation == 'ours':
     return losses.get_sde_loss_fn(sde, model, True, loss_weights=tuple(t.loss_weights),
                                   exact_jacobian=t.exact_jacobian, **kwargs)
-  return seed_formulation(sde, model, True, naive=formulation == 'naive', **kwargs)
+  return original_formulation(sde, model, True, naive=formulation == 'naive', **kwargs)
 
 
 def grad_step(loss_fn):
@@ -311,8 +311,8 @@ def main():
   parser.add_argument('--quick', action='store_true',
                       help='tiny DDPM++ only, 5 repeats, no full-size configs')
   parser.add_argument('--repeats', type=int, default=7, help='timed calls after compile (>= 5)')
-  parser.add_argument('--formulations', default='seed,ours',
-                      help='comma list of seed, ours, naive')
+  parser.add_argument('--formulations', default='original,ours',
+                      help='comma list of original, ours, naive')
   parser.add_argument('--configs', default='tiny_ddpmpp,tiny_ncsnpp',
                       help='timed tiny configs: tiny_ddpmpp, tiny_ncsnpp')
   parser.add_argument('--toy', default='mog1d,checkerboard',
@@ -327,7 +327,7 @@ def main():
                            'CPU cores)')
   parser.add_argument('--full-batch', type=int, default=1, help='batch of the full-size configs')
   parser.add_argument('--full-formulations', default='ours',
-                      help='formulations compiled for the full-size configs (seed gives the same '
+                      help='formulations compiled for the full-size configs (original gives the same '
                            'program as ours; compiling it too doubles the time)')
   parser.add_argument('--orders', default='1,2,3')
   args = parser.parse_args()
@@ -335,8 +335,8 @@ def main():
     raise SystemExit('--repeats must be >= 5 (the median of at least 5 timed calls).')
   formulations = [f for f in args.formulations.split(',') if f]
   for f in formulations:
-    if f not in ('seed', 'ours', 'naive'):
-      raise SystemExit(f"Unknown formulation '{f}': use seed, ours, naive.")
+    if f not in ('original', 'ours', 'naive'):
+      raise SystemExit(f"Unknown formulation '{f}': use original, ours, naive.")
   orders = [int(o) for o in args.orders.split(',')]
   if orders[0] != 1:
     raise SystemExit('--orders must start with 1 (ratios are to order 1).')
@@ -401,8 +401,8 @@ def main():
     'round-robin so load changes hit all alike; temp = XLA temp_size_in_bytes.',
     'ratios are to order 1 of the same config and formulation, measured in this run; GFLOP = '
     "XLA cost_analysis()['flops'] of the compiled step (machine-independent).",
-    'seed = the original mle_score_ode loss re-created (benchmarks/train_step.py '
-    'seed_formulation); ours = losses.get_sde_loss_fn.',
+    'original = the original mle_score_ode loss re-created (benchmarks/train_step.py '
+    'original_formulation); ours = losses.get_sde_loss_fn.',
     'configs: ' + (', '.join(f'{c} = {CONFIGS[c]}' for c, _ in runs if c in CONFIGS) or '-')
     + '; tiny configs pinned '
     'to nf 32, ch_mult (1, 2), 1 res block, 16x16x3, batch 16.',

@@ -1,13 +1,13 @@
 """The paper's image results that the original code covers, as commands of this CLI: the one
-place README's "Reproduce the paper" section is generated from (`python scripts/recipes.py
---write`; `--check` says whether README.md still matches) and that recipes_test.py runs at tiny
-sizes.
+place the `recipes` section of docs/recipes.md is generated from (`python scripts/recipes.py
+--write`; `--check` says whether docs/recipes.md still matches) and that recipes_test.py runs at
+tiny sizes.
 
 A recipe row: one experiment (a released first-order checkpoint and its config), one DSM order
 (1: first-order training continued for the same steps, the fair baseline; 2; 3), one result
 (exact bits/dim by the probability-flow ODE with uniform dequantization, the variational bound,
 bits/dim with score_flow's Flow++ dequantizer, FID), the commands that give it, the paper's number
-where this project's references hold it, and an estimate of accelerator hours.
+where it is transcribed here, and an estimate of accelerator hours.
 """
 import argparse
 import dataclasses
@@ -18,9 +18,10 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs
-import readme_sections
+import doc_sections
 
-SECTION = 'recipes'  # README's generated section (readme_sections)
+SECTION = 'recipes'  # the generated section of DOC (doc_sections)
+DOC = os.path.join(doc_sections.DOCS, 'recipes.md')
 
 ORDERS = (1, 2, 3)
 # mle_score_ode's default configs: "First and second order score: batch_size = 128" (commented
@@ -31,7 +32,8 @@ BATCH = {1: 128, 2: 128, 3: 48}
 # accelerator measurement.
 ASSUMED_TFLOPS = 40.  # sustained float32 (TF32) throughput of one current data-centre GPU: a guess
 # XLA cost analysis of the order-2 / order-3 step over order 1, full-size CIFAR-10 DDPM++ and
-# NCSN++ (README, Performance: 2.02x and 4.10x for both); assumed for the deep DDPM++ too.
+# NCSN++ (docs/performance.md, train step: 2.02x and 4.10x for both); assumed for the deep
+# DDPM++ too.
 ORDER_FLOPS = {1: 1., 2: 2.02, 3: 4.10}
 ASSUMED_NFE = 200  # function evaluations per adaptive RK45 solve (bits/dim, ODE sampler): a guess
 FID_SAMPLES = 50000
@@ -83,7 +85,7 @@ EXPERIMENTS = (
     'imagenet32_ve', 'ImageNet 32x32, VE SDE, NCSN++', 'configs/ve/imagenet32_ncsnpp_continuous.py',
     'released/mle_score_ode/imagenet32_ve/checkpoint',
     "the authors' own first-order model (score_sde released none), on the Releases page of "
-    'LuChengTHU/mle_score_ode; its file name and step are not in our references; ' + _STATE,
+    'LuChengTHU/mle_score_ode (its step is read from the file); ' + _STATE,
     None, 61.53, ('bpd', 'bound', 'bpd_deq')),
 )
 
@@ -195,12 +197,12 @@ def rows():
 
 
 def _shell(argv):
-  """An argument list as the line README shows (no value needs quoting)."""
+  """An argument list as the line docs/recipes.md shows (no value needs quoting)."""
   return ' '.join(argv)
 
 
 def markdown():
-  """README's "Reproduce the paper" section body (between its readme_sections markers)."""
+  """docs/recipes.md's generated section body (between its doc_sections markers)."""
   all_rows = rows()
   lines = [
     '| experiment | order | result | paper | accelerator hours (estimate: fine-tune + eval) |',
@@ -225,9 +227,9 @@ def markdown():
     mine = [r for r in all_rows if r.exp is exp]
     lines += ['', f'**{exp.title}** (`{exp.config}`). Start from {exp.source}. Download it to '
               f'`{exp.start}` (or change that path). Fine-tuning runs to the config\'s '
-              f'n_iters ({config.training.n_iters:,}), as the original resumed the released '
-              'checkpoint until then; the paper\'s own fine-tuning length is not in our '
-              'references. Evaluations read the last checkpoint that run writes.', '', '```sh']
+              f'n_iters ({config.training.n_iters:,}), as the original code resumed the released '
+              'checkpoint until then (set --config.training.n_iters for another length). '
+              'Evaluations read the last checkpoint that run writes.', '', '```sh']
     for r in mine:
       for label, argv in r.commands:
         line = _shell(argv)
@@ -244,10 +246,10 @@ def markdown():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--write', action='store_true', help='rewrite the section in README.md')
-  parser.add_argument('--check', action='store_true', help='exit 1 if README.md differs')
+  parser.add_argument('--write', action='store_true', help='rewrite the section in docs/recipes.md')
+  parser.add_argument('--check', action='store_true', help='exit 1 if docs/recipes.md differs')
   args = parser.parse_args()
-  readme_sections.write_or_check(SECTION, markdown(), args.write, args.check)
+  doc_sections.write_or_check(SECTION, markdown(), args.write, args.check, DOC)
 
 
 if __name__ == '__main__':

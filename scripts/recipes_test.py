@@ -1,4 +1,4 @@
-"""README's "Reproduce the paper" recipes (recipes.py) cannot rot: the README section is the
+"""The paper's recipes (recipes.py) cannot rot: docs/recipes.md's `recipes` section is the
 generated one; every command of every row parses with the CLI's own flags, asks for what its row
 says (order, batch, start checkpoint, the checkpoint the fine-tune writes last, the eval switches)
 and passes the config checks at tiny sizes; and each distinct command shape runs, at tiny sizes, in
@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs
-import readme_sections
+import doc_sections
 import recipes
 
 STEP = 2  # the synthetic start checkpoint's step; the tiny fine-tune runs one step past it
@@ -94,13 +94,12 @@ def mocked_tfds():
 
 
 # ------------------------------------------------------------------------------------------------
-# Every row: the README is generated, the commands parse and say what the row says
+# Every row: docs/recipes.md is generated, the commands parse and say what the row says
 # ------------------------------------------------------------------------------------------------
 
-def test_readme_section_is_the_generated_one():
-  with open(readme_sections.README) as f:
-    assert readme_sections.section(f.read(), recipes.SECTION) == recipes.markdown(), (
-      'README.md differs from recipes.py: run python scripts/recipes.py --write')
+def test_doc_section_is_the_generated_one():
+  assert doc_sections.read_section(recipes.DOC, recipes.SECTION) == recipes.markdown(), (
+    'docs/recipes.md differs from recipes.py: run python scripts/recipes.py --write')
 
 
 # The paper's published CIFAR-10 results (Lu et al., ICML 2022; VE, second / third order).

@@ -1,4 +1,4 @@
-"""Run the fault-injection trials of tests/reliability.py and print the README's Reliability table.
+"""Run the fault-injection trials of tests/reliability.py; print the table of docs/reliability.md.
 
   .venv/bin/python scripts/reliability_table.py [--kills 12] [--seed 0] [--json out.json]
 

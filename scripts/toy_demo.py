@@ -36,8 +36,8 @@ WINDOWS = {'mog1d': (-1.3, 1.3), 'checkerboard': (-4.5, 4.5)}
 # only to start the longest stages first.
 STEP_COST = {(1, 1): 1., (1, 2): 2.0, (1, 3): 3.0, (2, 1): 1., (2, 2): 2.8, (2, 3): 5.1}
 PLOTTED_ORDERS = (1, 3)
-# Each dataset's budget (README, "What each lever did"): the 2-D data gain from more, smaller
-# batches; the 1-D third order from larger ones.
+# Each dataset's budget (docs/toy_demo.md, "What each lever did"): the 2-D data gain from more,
+# smaller batches; the 1-D third order from larger ones.
 PROTOCOL = {'mog1d': dict(batch_size=1000, base_steps=3000, finetune_steps=2000),
             'checkerboard': dict(batch_size=500, base_steps=4000, finetune_steps=3000)}
 

@@ -2,7 +2,7 @@
 config (batch 16, MLP), run by harness.py (the tests' persistent JAX compilation cache).
 
 Each trial returns a record (dict): reliability_test.py asserts on it, scripts/reliability_table.py
-turns it into the README's Reliability table. Faults come from outside the product code: SIGKILL
+turns it into the table of docs/reliability.md. Faults come from outside the product code: SIGKILL
 from the parent (at seeded random moments, or as soon as an orbax temporary checkpoint directory
 appears), a driver that wraps parallel.get_multi_step_fn to poison one step's batch with NaN,
 bytes damaged on disk, and bad command lines (BAD_CLI, shared with main_test.py).

@@ -1,5 +1,5 @@
 """Fault injection through the CLI: assertions on the records of the trials in reliability.py
-(which scripts/reliability_table.py prints as the README's Reliability table).
+(which scripts/reliability_table.py prints as the table of docs/reliability.md).
 
 Outcomes (reliability_test.py and scripts/reliability_table.py on a loaded 2-core CPU):
 
@@ -10,7 +10,7 @@ Outcomes (reliability_test.py and scripts/reliability_table.py on a loaded 2-cor
 | NaN in every input of step 6, training.nonfinite='skip' | 1 | exit 0, skip counted (nonfinite_count 1, logged); step-6 params/EMA/optimizer state equal step 5's; every saved array finite |
 | latest meta + periodic checkpoints damaged: garbled array bytes, truncated array file, deleted array file, garbled meta JSON | 4 | error line naming each damaged checkpoint; resumed from the previous good one (step 2) |
 | every checkpoint damaged | 1 | exit 2, one line naming them and the fix; checkpoints untouched |
-| bad input (BAD_INPUT: BAD_CLI + sampler/predictor/corrector/nonfinite/lr-schedule names, unprepared TFDS dataset, workdir is a file) against an existing workdir | 18 | exit 2, one stderr line naming problem and fix; workdir files and mtimes unchanged; nothing compiled (fresh JAX cache stays empty); 0.3-3 s each, 10-16 s for TFDS (TensorFlow import) |
+| bad input (BAD_INPUT: BAD_CLI + sampler/predictor/corrector/nonfinite/lr-schedule names, unprepared TFDS dataset, workdir is a file) against an existing workdir | 21 | exit 2, one stderr line naming problem and fix; workdir files and mtimes unchanged; nothing compiled (fresh JAX cache stays empty); 0.3-3 s each, 10-16 s for TFDS (TensorFlow import) |
 """
 import os
 

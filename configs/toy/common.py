@@ -2,7 +2,8 @@
 
 Original: batch 5000, 100k iterations, Adam lr 1e-3, clip 1, EMA 0.999 after 500 steps, MLP
 encoder [128, 128] / time embedding 64 / decoder [512, 512], VE 0.01 -> 50, eps 1e-5, loss weights
-(1, 0.5, 0.1) with exact Jacobians. Scaled here: batch 1000 and a few thousand steps (see README).
+(1, 0.5, 0.1) with exact Jacobians. Scaled here: batch 1000 and a few thousand steps (see
+docs/toy_demo.md).
 """
 from configs.base_config import get_base_config
 
