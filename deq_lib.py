@@ -97,15 +97,16 @@ def load_score_model(config, workdir, mesh):
   replicated over the mesh."""
   import restore_from
   import sde_lib
+  path = config.eval.restore_from
+  if not path:
+    number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   if config.eval.restore_from:
-    path = config.eval.restore_from
     state, report = restore_from.load_ema(path, state, parallel.replicated(mesh))
     logging.info('%s', report)
     state = parallel.replicate(state, mesh)
     return sde, model, state.params_ema, state.model_state, path
-  number, path = _score_checkpoint(config, workdir)
   ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   state = parallel.replicate(state, mesh)
   try:
