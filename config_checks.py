@@ -65,9 +65,11 @@ def validate_config(config, mode='train', workdir=None):
   if workdir is not None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"--workdir '{workdir}' is a file: give a directory path (new or existing).")
-    if mode in ('eval', 'train_deq') and not os.path.isdir(workdir):
+    if (mode in ('eval', 'train_deq') and not os.path.isdir(workdir)
+        and not config.eval.restore_from):
       raise FileNotFoundError(f"--workdir '{workdir}' does not exist: mode {mode} needs the "
-                              'working directory of a training run.')
+                              'working directory of a training run, or '
+                              '--config.eval.restore_from.')
   t = config.training
   if str(t.sde).lower() not in sde_lib.SDE_NAMES:
     raise ValueError(f"Unknown SDE '{t.sde}': set --config.training.sde to one of "
@@ -134,6 +136,9 @@ def validate_config(config, mode='train', workdir=None):
   if mode == 'train' and t.restore_from:
     import restore_from
     restore_from.check_readable(t.restore_from)
+  if mode in ('eval', 'train_deq') and config.eval.restore_from:
+    import restore_from
+    restore_from.check_readable(config.eval.restore_from, restore_from.EVAL_FLAG, one=True)
   if mode == 'eval':
     validate_eval(config, workdir)
   if mode == 'fid_stats':
@@ -150,15 +155,16 @@ def _check_inception_handle(config):
 
 def validate_eval(config, workdir=None):
   """Checks of config.eval (and config.sampling when sampling) for --mode eval: names, sizes, the
-  checkpoints and the Inception stats file, before anything is built or written."""
+  checkpoints (none in the workdir with eval.restore_from) and the Inception stats file, before
+  anything is built or written."""
   e = config.eval
   if str(e.bpd_dataset).lower() not in ('train', 'test'):
     raise ValueError(f"eval.bpd_dataset is '{e.bpd_dataset}': set --config.eval.bpd_dataset to "
                      "'train' or 'test'.")
-  for name in ('num_repeats', 'begin_ckpt'):
+  for name in ('num_repeats',) if e.restore_from else ('num_repeats', 'begin_ckpt'):
     if getattr(e, name) < 1:
       raise ValueError(f'eval.{name} is {getattr(e, name)}: set --config.eval.{name} to 1 or more.')
-  if e.end_ckpt < e.begin_ckpt:
+  if e.end_ckpt < e.begin_ckpt and not e.restore_from:
     raise ValueError(f'eval.end_ckpt={e.end_ckpt} is below eval.begin_ckpt={e.begin_ckpt}: set '
                      '--config.eval.end_ckpt >= --config.eval.begin_ckpt.')
   if e.num_bpd_batches < 0:
@@ -199,7 +205,7 @@ def validate_eval(config, workdir=None):
         f'`python main.py --config <config> --workdir <dir> --mode fid_stats` (same '
         '--config.eval.stats_dir and --config.eval.inception_handle), or set '
         '--config.eval.stats_dir to the folder that holds it.')
-  if workdir is not None and not e.wait_for_ckpt:
+  if workdir is not None and not e.wait_for_ckpt and not e.restore_from:
     missing = [n for n in range(e.begin_ckpt, e.end_ckpt + 1)
                if not os.path.isdir(names.checkpoint_path(workdir, n))]
     if missing:

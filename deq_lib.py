@@ -13,8 +13,9 @@ The dequantizer's state is a train_state.TrainState (params, opt_state, params_e
 model_state). As in score_flow the loop reuses training.{batch_size, n_jitted_steps, log_freq,
 eval_freq, snapshot_freq, snapshot_freq_for_preemption} and runs deq.n_iters steps; the score
 model (EMA params of W/checkpoints/checkpoint_{eval.ckpt_id}, the field score_flow's train_deq
-read) stays fixed. config.deq.model 'auto' picks the Flow++ variant score_flow built for the
-dataset (CIFAR10: 'cifar10', ImageNet 32 / 64: 'imagenet32' / 'imagenet64').
+read, or of the file eval.restore_from) stays fixed. config.deq.model 'auto' picks the Flow++
+variant score_flow built for the dataset (CIFAR10: 'cifar10', ImageNet 32 / 64: 'imagenet32' /
+'imagenet64').
 
 Bits/dim with the dequantizer (score_flow's evaluate): for an 8-bit image x = k / 255, u ~ N(0, I),
 (noise, sldj) = dequantizer(u, x), y = (255 x + noise) / 256 in bin k,
@@ -51,7 +52,8 @@ def get_deq_optimizer(config):
 
 def check_config(config, workdir=None):
   """Refuse in one line what train_deq cannot run, before any work: bad deq fields, a dataset
-  'auto' has no dequantizer for, and (given workdir) a missing score checkpoint eval.ckpt_id."""
+  'auto' has no dequantizer for, and (given workdir) a missing score checkpoint eval.ckpt_id or
+  an eval.restore_from file that is damaged or does not fit the config's model."""
   deq = config.deq
   if deq.n_iters < 1:
     raise ValueError(f'deq.n_iters is {deq.n_iters}: set --config.deq.n_iters to 1 or more.')
@@ -68,7 +70,10 @@ def check_config(config, workdir=None):
                        f'training.n_jitted_steps={t.n_jitted_steps}: change one of them.')
   from models import flowpp
   flowpp.model_name(config)
-  if workdir is not None:
+  if workdir is not None and config.eval.restore_from:
+    import restore_from
+    restore_from.check_ema_fits(config.eval.restore_from, train_lib.abstract_state(config))
+  elif workdir is not None:
     _score_checkpoint(config, workdir)
 
 
@@ -87,13 +92,22 @@ def _score_checkpoint(config, workdir):
 
 
 def load_score_model(config, workdir, mesh):
-  """(sde, model, params_ema, model_state, path) of workdir/checkpoints/checkpoint_{eval.ckpt_id}
-  (as score_flow's train_deq; never another one), replicated over the mesh."""
+  """(sde, model, params_ema, model_state, path) of the file eval.restore_from, else of
+  workdir/checkpoints/checkpoint_{eval.ckpt_id} (as score_flow's train_deq; never another one),
+  replicated over the mesh."""
+  import restore_from
   import sde_lib
-  number, path = _score_checkpoint(config, workdir)
+  path = config.eval.restore_from
+  if not path:
+    number, path = _score_checkpoint(config, workdir)
   sde, _ = sde_lib.get_sde(config)
-  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
+  if config.eval.restore_from:
+    state, report = restore_from.load_ema(path, state, parallel.replicated(mesh))
+    logging.info('%s', report)
+    state = parallel.replicate(state, mesh)
+    return sde, model, state.params_ema, state.model_state, path
+  ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   state = parallel.replicate(state, mesh)
   try:
     state = ckpt_dir.restore(number, state)
@@ -155,9 +169,9 @@ def get_deq_step_fn(sde, score_model, deq_model, scaler, inverse_scaler, tx, tra
 
 def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER, check=True):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
-  model in workdir/deq_folder, logging to its stdout.txt; resumes from the newest checkpoint
-  there. Returns the final (replicated) state. check=False skips check_config when the caller
-  has run it (main.py)."""
+  model (or for the file eval.restore_from) in workdir/deq_folder, logging to its stdout.txt;
+  resumes from the newest checkpoint there. Returns the final (replicated) state. check=False
+  skips check_config when the caller has run it (main.py)."""
   if check:
     check_config(config, workdir)
   import datasets

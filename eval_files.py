@@ -1,5 +1,6 @@
 """How evaluation results are stored: atomic writes of .npz and text files, the settings.json
-that keeps results of different settings out of one eval folder, and summary.csv."""
+that keeps results of different settings out of one eval folder, the source.txt that keeps the
+results of two checkpoint files of one name apart, and summary.csv."""
 import csv
 import io
 import json
@@ -79,17 +80,31 @@ def check_settings(eval_dir, config, is_main):
     write_text(path, json.dumps(now, indent=2, sort_keys=True))
 
 
+def check_source(folder, path, record):
+  """Refuse a folder that holds the results of another file of the same name (folder/source.txt:
+  the real path of the checkpoint file its results are of); with `record`, write it on first use."""
+  source, now = os.path.join(folder, 'source.txt'), os.path.realpath(path)
+  if os.path.isfile(source):
+    with open(source) as f:
+      before = f.read().strip()
+    if before != now:
+      raise ValueError(f'{folder} holds the results of {before}, not of {now}: pass another '
+                       '--eval_folder, or delete that folder to start over.')
+  elif record:
+    write_text(source, now + '\n')
+
+
 def write_summary_csv(eval_dir):
-  """summary.csv rebuilt from every ckpt_N/summary.json: one row per checkpoint (idempotent, so a
-  rerun never duplicates a row)."""
+  """summary.csv rebuilt from the summary.json of every checkpoint's folder (ckpt_N, or the name
+  of an eval.restore_from file): one row each (idempotent, so a rerun never duplicates a row)."""
   rows = []
   for name in os.listdir(eval_dir):
     path = os.path.join(eval_dir, name, 'summary.json')
-    if name.startswith('ckpt_') and os.path.isfile(path):
+    if os.path.isfile(path):
       with open(path) as f:
         rows.append(json.load(f))
   rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
-  rows.sort(key=lambda r: r['ckpt'])
+  rows.sort(key=lambda r: (r['ckpt'], r.get('restore_from', '')))
   keys = ['ckpt', 'step'] + sorted({k for r in rows for k in r} - {'ckpt', 'step'})
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=keys)

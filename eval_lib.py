@@ -7,9 +7,13 @@ Eval folder layout (workdir/eval_folder):
   ckpt_N/bpd/batch_R_I.npz      per-example bpd (nll nats for toy data) and nfe of repeat R, batch I
   ckpt_N/samples/samples_R.npz  sampling round R: uint8 samples, Inception pool_3 and logits
   ckpt_N/summary.json           the checkpoint's means; summary.csv: one row per checkpoint
+  NAME/...                      the same for the file eval.restore_from names (NAME: its base
+                                name), with NAME/source.txt: the file's real path
 Every file is written to a temporary name and renamed, and every batch / round draws its noise
 from fold_in(seed, checkpoint, part, repeat, batch), so a killed evaluation rerun with the same
-command skips what is stored and ends with exactly the results of an uninterrupted run.
+command skips what is stored and ends with exactly the results of an uninterrupted run. A file
+named checkpoint_N draws the noise of checkpoint N (any other name: of checkpoint 0), so it scores
+exactly what the same weights score as the workdir's checkpoint_N.
 """
 import dataclasses
 import json
@@ -31,6 +35,7 @@ import eval_batches
 import eval_files
 import names
 import parallel
+import restore_from
 import train_lib
 from eval_files import load_npz, save_npz, write_text
 
@@ -41,30 +46,82 @@ def _is_main():
 
 @dataclasses.dataclass
 class _Checkpoint:
-  """One checkpoint under evaluation: what every part of it reads, and its state, restored on
-  first use (only when some result is not stored yet)."""
+  """One checkpoint under evaluation: what every part of it reads, and its state, loaded on first
+  use (only when some result is not stored yet)."""
   config: object
   mesh: object
   scaler: object       # data -> model space
-  number: int          # N of checkpoint_N
-  path: str            # the checkpoint's folder
-  folder: str          # eval_dir/ckpt_N, where its results go
-  ckpts: object        # the run's checkpoints/ (read-only CheckpointDir)
-  target: object       # the replicated state restored into
+  number: int          # N of checkpoint_N: the checkpoint its noise is drawn for (eval_key)
+  label: str           # how logs name it: N, or the eval.restore_from file's name
+  path: str            # the checkpoint's folder or file
+  folder: str          # eval_dir/ckpt_N or eval_dir/NAME, where its results go
+  load: object         # () -> the replicated state (EMA params scored)
+  step_fn: object = None  # () -> its training step without loading it, where that is cheap
   _state: object = None
 
   @property
   def state(self):
     if self._state is None:
-      self._state = self.ckpts.restore(self.number, self.target)
+      self._state = self.load()
       if _is_main():
         logging.info('Restored %s (step %d).', self.path,
                      int(checkpoints.to_host(self._state.step)))
     return self._state
 
+  def step(self):
+    """The training step of the checkpoint."""
+    return self.step_fn() if self.step_fn else int(checkpoints.to_host(self.state.step))
+
   def key(self, kind, *indices):
     """This checkpoint's noise of one part, repeat and batch (eval_key)."""
     return eval_key(self.config.seed, self.number, kind, *indices)
+
+
+def file_name(path):
+  """The name of eval.restore_from's results folder: the file's (or checkpoint_N folder's) name."""
+  return os.path.basename(os.path.normpath(path))
+
+
+def check_restore_from(config, workdir, eval_folder=names.EVAL_FOLDER):
+  """ValueError / FileNotFoundError (one line) if eval.restore_from cannot be scored with this
+  config (missing, damaged, another model's tree: matched on shapes to jax.eval_shape of the
+  state, no model built) or its results folder holds another file's; main.py runs it before the
+  eval folder is made."""
+  path = config.eval.restore_from
+  if not path:
+    return
+  restore_from.check_ema_fits(path, train_lib.abstract_state(config))
+  eval_files.check_source(os.path.join(workdir, eval_folder, file_name(path)), path, False)
+
+
+def _checkpoints(config, workdir, eval_dir, mesh, scaler, host_state):
+  """The checkpoints to evaluate, one at a time: the file eval.restore_from, or workdir's
+  checkpoint_{begin_ckpt..end_ckpt} (each waited for where eval.wait_for_ckpt asks)."""
+  e = config.eval
+  if e.restore_from:
+    path = e.restore_from
+
+    def load():
+      state, report = restore_from.load_ema(path, host_state, parallel.replicated(mesh))
+      if _is_main():
+        logging.info('%s', report)
+      return parallel.replicate(state, mesh)
+
+    name = file_name(path)
+    yield _Checkpoint(config, mesh, scaler, checkpoints.checkpoint_number(path) or 0, name, path,
+                      os.path.join(eval_dir, name), load)
+    return
+  target = parallel.replicate(host_state, mesh)
+  for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
+    path = _wait_for_checkpoint(config, workdir, ckpt)
+    ckpts = _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS))
+    try:
+      yield _Checkpoint(config, mesh, scaler, ckpt, str(ckpt), path,
+                        os.path.join(eval_dir, f'ckpt_{ckpt}'),
+                        lambda: ckpts.restore(ckpt, target), lambda: ckpts.training_step(ckpt))
+    finally:
+      ckpts.close()
+
 
 def eval_key(seed, ckpt, kind, *indices):
   """The key of one unit of eval work: PRNGKey(seed + 1) folded with ckpt, crc32(kind) and the
@@ -154,7 +211,7 @@ def _eval_batches(ck, ds, repeats, parts, dequantize_fn):
   per_pass = min(per_pass, limit) if per_pass and limit else (per_pass or limit)
   results = {p.name: {} for p in parts}
   n_draws, index = e.get('num_deq_samples', 1), []
-  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ck.number} bits/dim', 'batch')
+  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ck.label} bits/dim', 'batch')
   n_seen = 0
   for r in range(repeats):
     for i, batch in enumerate(ds):
@@ -188,7 +245,7 @@ def _eval_batches(ck, ds, repeats, parts, dequantize_fn):
       index.append((r, i))
       n_seen += 1
       if _is_main() and 'bpd' in results and 'bpd' in results['bpd']:
-        logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f', ck.number, r, i,
+        logging.info('ckpt: %s, repeat: %d, batch: %d, mean bpd: %.6f', ck.label, r, i,
                      float(np.mean(np.concatenate([np.ravel(a) for a in results['bpd']['bpd']]))))
       bar.update(1)
   bar.close()
@@ -220,7 +277,7 @@ def _eval_samples(ck, sample_fn, inception, data_pools):
   done = set(os.listdir(sdir)) if os.path.isdir(sdir) else set()
   parallel.sync(f'eval_samples_{ck.number}')
   n_rounds = math.ceil(e.num_samples / e.batch_size)
-  bar = _progress(n_rounds, f'ckpt {ck.number} sampling', 'round')
+  bar = _progress(n_rounds, f'ckpt {ck.label} sampling', 'round')
   for r in range(n_rounds):
     path = os.path.join(sdir, f'samples_{r}.npz')
     if f'samples_{r}.npz' not in done:
@@ -231,7 +288,7 @@ def _eval_samples(ck, sample_fn, inception, data_pools):
         latents = evaluation.run_inception(images, inception, batch_size=min(e.batch_size, 256))
         save_npz(path, samples=images, pool_3=latents['pool_3'], logits=latents['logits'],
                   nfe=parallel.host(nfe))
-        logging.info('sampling -- ckpt: %d, round: %d', ck.number, r)
+        logging.info('sampling -- ckpt: %s, round: %d', ck.label, r)
     bar.update(1)
   bar.close()
   parallel.sync(f'eval_samples_done_{ck.number}')
@@ -264,14 +321,16 @@ def _read_only_ckpt_dir(directory):
 
 def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DEQ_FOLDER,
              check=True):
-  """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints (EMA params):
-  eval loss (eval.enable_loss), bits/dim by the probability-flow ODE or the variational bound
-  (eval.enable_bpd, eval.bound) and IS/FID/KID of samples (eval.enable_sampling). Results go to
-  workdir/eval_folder (layout in the module docstring); pre-emption safe (rerun to resume).
-  check=False skips config_checks.validate_config when the caller has run it (main.py).
+  """Evaluates checkpoints eval.begin_ckpt..eval.end_ckpt of workdir/checkpoints, or the file
+  eval.restore_from (EMA params): eval loss (eval.enable_loss), bits/dim by the probability-flow
+  ODE or the variational bound (eval.enable_bpd, eval.bound) and IS/FID/KID of samples
+  (eval.enable_sampling). Results go to workdir/eval_folder (layout in the module docstring);
+  pre-emption safe (rerun to resume). check=False skips config_checks.validate_config and
+  check_restore_from when the caller has run them (main.py).
   """
   if check:
     config_checks.validate_config(config, 'eval', workdir)
+    check_restore_from(config, workdir, eval_folder)
   import datasets
   import evaluation
   import sampling
@@ -289,7 +348,8 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
   inverse_scaler = datasets.get_data_inverse_scaler(config)
 
   # Everything that can fail on user input comes before the model and the data.
-  _wait_for_checkpoint(config, workdir, e.begin_ckpt)
+  if not e.restore_from:
+    _wait_for_checkpoint(config, workdir, e.begin_ckpt)
   sampler = None
   if e.enable_sampling:
     shape = (e.batch_size,) + tuple(mutils.get_data_shape(config))
@@ -304,7 +364,6 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
     inception = evaluation.get_inception_model(e.inception_handle)
 
   model, tx, host_state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
-  target = parallel.replicate(host_state, mesh)
   parts = eval_batches.get_batch_parts(config, sde, model, inverse_scaler)
   if e.enable_sampling:
     sample_fn = jax.jit(lambda rng, params, ms: sampler(rng, (model, params, ms)),
@@ -324,13 +383,15 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
     train_bpd = str(e.bpd_dataset).lower() == 'train'
     bpd_ds, repeats = (train_ds, 1) if train_bpd else (eval_ds, e.num_repeats)
 
-  for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
-    ck = _Checkpoint(config, mesh, scaler, ckpt, _wait_for_checkpoint(config, workdir, ckpt),
-                     os.path.join(eval_dir, f'ckpt_{ckpt}'),
-                     _read_only_ckpt_dir(os.path.join(workdir, names.CHECKPOINTS)), target)
+  summary = None
+  for ck in _checkpoints(config, workdir, eval_dir, mesh, scaler, host_state):
     if is_main:
       os.makedirs(ck.folder, exist_ok=True)
-    summary = {'ckpt': ckpt, 'step': ck.ckpts.training_step(ckpt)}
+    if e.restore_from:
+      eval_files.check_source(ck.folder, ck.path, is_main)
+    summary = {'ckpt': ck.number, 'step': ck.step()}
+    if e.restore_from:
+      summary['restore_from'] = os.path.realpath(ck.path)
     tic = time.time()
     if e.enable_loss:
       summary.update(_eval_loss(ck, eval_ds, p_eval_step))
@@ -338,15 +399,12 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
       summary.update(_eval_batches(ck, bpd_ds, repeats, parts, dequantize_fn))
     if e.enable_sampling:
       summary.update(_eval_samples(ck, sample_fn, inception, data_pools))
-    ck.ckpts.close()
     if is_main:
       summary['seconds_this_run'] = time.time() - tic
       write_text(os.path.join(ck.folder, 'summary.json'), json.dumps(summary, indent=2))
       eval_files.write_summary_csv(eval_dir)
-      logging.info('ckpt-%d --- %s', ckpt, ', '.join(
+      logging.info('ckpt-%s --- %s', ck.label, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()
         if k != 'ckpt' and not isinstance(v, list)))
-    parallel.sync(f'eval_ckpt_{ckpt}')
+    parallel.sync(f'eval_ckpt_{ck.number}')
   return summary
-
-

@@ -179,6 +179,8 @@ def run(fv):
       handler = train_lib.log_to_file(workdir)
       run_lib.train(config, workdir, check=False)
     elif mode == 'eval':
+      import eval_lib
+      eval_lib.check_restore_from(config, workdir, fv.eval_folder)  # before the eval folder
       eval_dir = os.path.join(workdir, fv.eval_folder)
       os.makedirs(eval_dir, exist_ok=True)
       handler = train_lib.log_to_file(eval_dir)

@@ -1,9 +1,10 @@
-"""The checkpoint a training run starts from (training.restore_from): ours (an orbax checkpoint_N
-or a folder of them) or a legacy flax msgpack of score_sde / score_flow / mle_score_ode (a State
-whose flax.optim `optimizer.target` holds the params), matched path for path and shape for shape
-to the model of the config. `check_fits` does the matching on shapes only, so that main.py can
-refuse a damaged or foreign file before any folder is made or data read; `load_state` /
-`load_weights` load it for train_lib.
+"""A checkpoint read from a path the user gives: the one a training run starts from
+(training.restore_from) and the one an evaluation or the dequantizer scores (eval.restore_from).
+Ours (an orbax checkpoint_N or a folder of them) or a legacy flax msgpack of score_sde / score_flow
+/ mle_score_ode (a State whose flax.optim `optimizer.target` holds the params), matched path for
+path and shape for shape to the model of the config. `check_fits` does the matching on shapes
+only, so that main.py can refuse a damaged or foreign file before any folder is made or data read;
+`load_state` / `load_weights` load it for train_lib, `load_ema` for eval_lib and deq_lib.
 """
 import logging
 import os
@@ -16,30 +17,34 @@ import checkpoints
 import names
 
 FLAG = '--config.training.restore_from'
+EVAL_FLAG = '--config.eval.restore_from'
+WEIGHTS = ('params', 'params_ema', 'model_state')  # what training starts from
+EMA = ('params_ema', 'model_state')  # what an evaluation scores, as score_sde's eval
 
 
-def check_readable(path):
-  """Raise FileNotFoundError / ValueError (one line, with the fix) if `path` cannot be a
-  checkpoint to start from; cheap, reads no arrays except a legacy file's header."""
+def check_readable(path, flag=FLAG, one=False):
+  """Raise FileNotFoundError / ValueError (one line, with the fix, naming `flag`) if `path` cannot
+  be a checkpoint to read; cheap, reads no arrays except a legacy file's header. one: a directory
+  must be a checkpoint_N itself (not a folder of them)."""
+  dirs = 'a checkpoint_N directory' if one else 'a checkpoint_N directory, a checkpoints/ directory'
   if not path or not os.path.exists(path):
-    raise FileNotFoundError(f"Checkpoint to restore from '{path}' does not exist: set {FLAG} to a "
-                            'checkpoint_N directory, a checkpoints/ directory or a legacy '
-                            'score_sde/score_flow checkpoint file.')
+    raise FileNotFoundError(f"Checkpoint '{path}' does not exist: set {flag} to {dirs} or a "
+                            'legacy score_sde/score_flow checkpoint file.')
   if os.path.isfile(path):
     if not os.access(path, os.R_OK):
       raise ValueError(f"Checkpoint file '{path}' is not readable: fix its permissions or set "
-                       f'{FLAG} to another file.')
+                       f'{flag} to another file.')
     with open(path, 'rb') as f:
       head = f.read(1)
     # A msgpack map starts with 0x80-0x8f (fixmap), 0xde or 0xdf.
     if not head or not (0x80 <= head[0] <= 0x8f or head[0] in (0xde, 0xdf)):
-      raise ValueError(f"'{path}' is not a flax msgpack checkpoint: set {FLAG} to a legacy "
+      raise ValueError(f"'{path}' is not a flax msgpack checkpoint: set {flag} to a legacy "
                        'score_sde/score_flow checkpoint file or one of our checkpoint_N '
                        'directories.')
     return
-  if checkpoints.checkpoint_number(path) is None and not _step_dirs(path):
-    raise ValueError(f"Directory '{path}' holds no checkpoint_N: set {FLAG} to a checkpoint_N "
-                     'directory, a directory that contains them, or a legacy checkpoint file.')
+  if checkpoints.checkpoint_number(path) is None and (one or not _step_dirs(path)):
+    raise ValueError(f"Directory '{path}' {'is not a' if one else 'holds no'} checkpoint_N: set "
+                     f'{flag} to {dirs} or a legacy checkpoint file.')
 
 
 def _step_dirs(path):
@@ -50,7 +55,7 @@ def _step_dirs(path):
           for n in names.checkpoint_numbers(path)[::-1]]
 
 
-def _read_legacy(path):
+def _read_legacy(path, flag=FLAG):
   """legacy_state_parts of a flax msgpack file (ValueError, one line, if it cannot be read)."""
   with open(path, 'rb') as f:
     try:
@@ -58,18 +63,18 @@ def _read_legacy(path):
     except Exception as e:
       raise ValueError(f"'{path}' cannot be read as flax msgpack ({type(e).__name__}: "
                        f'{checkpoints.short(e, 120)}): the file is damaged or not a checkpoint; '
-                       f'set {FLAG} to another file.') from e
+                       f'set {flag} to another file.') from e
   return legacy_state_parts(raw, path)
 
 
-def _read_source(path, sharding, shapes_only=False):
-  """(parts, kind, path) of a checkpoint to start from: parts holds host arrays of params,
-  params_ema, model_state, step and, where stored, opt_state (ours), param_states (flax.optim's
-  Adam moments), rng and nonfinite_count. shapes_only: for ours, array metadata (shapes) read
-  without the arrays, and the step from its meta item."""
-  check_readable(path)
+def _read_source(path, sharding, shapes_only=False, flag=FLAG):
+  """(parts, kind, path) of a checkpoint: parts holds host arrays of params, params_ema,
+  model_state, step and, where stored, opt_state (ours), param_states (flax.optim's Adam
+  moments), rng and nonfinite_count. shapes_only: for ours, array metadata (shapes) read without
+  the arrays, and the step from its meta item."""
+  check_readable(path, flag)
   if os.path.isfile(path):
-    return _read_legacy(path), 'legacy flax msgpack', path
+    return _read_legacy(path, flag), 'legacy flax msgpack', path
   step_dirs = _step_dirs(path)
   for i, d in enumerate(step_dirs):
     try:
@@ -82,7 +87,7 @@ def _read_source(path, sharding, shapes_only=False):
     except Exception as e:
       if i == len(step_dirs) - 1:
         raise ValueError(f"Checkpoint '{d}' cannot be read ({type(e).__name__}: "
-                         f'{checkpoints.short(e, 200)}): point {FLAG} at another checkpoint.') from e
+                         f'{checkpoints.short(e, 200)}): point {flag} at another checkpoint.') from e
       logging.error('Checkpoint %s is corrupted or truncated (%s); falling back to the previous '
                     'one.', d, checkpoints.short(e))
   parts = {k: raw.get(k) for k in ('params', 'params_ema', 'step', 'opt_state', 'rng',
@@ -117,13 +122,20 @@ def check_steps_left(path, step, n_iters):
                      'restore_optimizer=False).')
 
 
-def check_fits(path, target_state, restore_optimizer=True, n_iters=None):
+def check_trees(src, target_state, keys=WEIGHTS):
+  """ValueError (one line naming the first mismatch) unless the trees `keys` of `src` (parts as
+  _read_source / legacy_state_parts give them) fit target_state's, on shapes only."""
+  for k in keys:
+    match_tree(src[k], flax.serialization.to_state_dict(getattr(target_state, k)), k, plan_only=True)
+
+
+def check_fits(path, target_state, restore_optimizer=True, n_iters=None, keys=WEIGHTS, flag=FLAG):
   """ValueError (one line naming the first mismatch) unless `path` fits `target_state` (a
   TrainState of arrays or ShapeDtypeStructs, e.g. jax.eval_shape of the initial state) as
-  load_state / load_weights would load it: the same trees, on shapes only, no model built."""
-  src, _, path = _read_source(path, None, shapes_only=True)
-  for k in ('params', 'params_ema', 'model_state'):
-    match_tree(src[k], flax.serialization.to_state_dict(getattr(target_state, k)), k, plan_only=True)
+  load_state / load_weights (keys WEIGHTS) or load_ema (keys EMA, restore_optimizer=False) would
+  load it: the same trees, on shapes only, no model built; messages name `flag`."""
+  src, _, path = _read_source(path, None, shapes_only=True, flag=flag)
+  check_trees(src, target_state, keys)
   if not restore_optimizer:
     return
   step = _source_step(src, path)
@@ -138,6 +150,13 @@ def check_fits(path, target_state, restore_optimizer=True, n_iters=None):
     check_steps_left(path, step, n_iters)
 
 
+def check_ema_fits(path, target_state, flag=EVAL_FLAG):
+  """check_fits of what load_ema loads (a file or one checkpoint_N): the up-front check of a
+  checkpoint to score, for eval_lib and deq_lib."""
+  check_readable(path, flag, one=True)
+  check_fits(path, target_state, restore_optimizer=False, keys=EMA, flag=flag)
+
+
 def _matched(src, target_state, keys):
   """{key: src[key] matched (match_tree) and restored into target_state's tree}, notes."""
   out, notes = {}, {}
@@ -150,17 +169,21 @@ def _matched(src, target_state, keys):
 
 
 def _report(kind, path, src, out, notes, tail):
-  """The one log line saying what was loaded from where."""
-  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out['params']))
-  n_reshaped = len(notes['params'])
+  """The one log line saying what was loaded from where (out: params and params_ema, or
+  params_ema alone)."""
+  first = 'params' if 'params' in out else 'params_ema'
+  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(out[first]))
+  n_reshaped = len(notes[first])
   step = src.get('step')
+  no_ema = 'start the EMA' if first == 'params' else 'stand in for it'
   return (f'Loaded {kind} {path} (trained {int(step) if step is not None else "?"} steps): '
-          f'params ({len(jax.tree_util.tree_leaves(out["params"]))} arrays, {n_params:,} values), '
-          f'params_ema, model_state ({len(jax.tree_util.tree_leaves(out["model_state"]))} arrays)'
+          f'{first} ({len(jax.tree_util.tree_leaves(out[first]))} arrays, {n_params:,} values), '
+          + ('params_ema, ' if first == 'params' else '')
+          + f'model_state ({len(jax.tree_util.tree_leaves(out["model_state"]))} arrays)'
           + (f'; {n_reshaped} GroupNorm arrays per tree reshaped from (1, 1, 1, C) to (C,)'
              if n_reshaped else '')
-          + ('; no params_ema in the file: its params start the EMA' if src.get('no_ema') else '')
-          + f'. {tail}')
+          + (f'; no params_ema in the file: its params {no_ema}' if src.get('no_ema') else '')
+          + (f'. {tail}' if tail else '.'))
 
 
 def load_weights(path, target_state, sharding):
@@ -172,9 +195,20 @@ def load_weights(path, target_state, sharding):
   by Flax < 0.3.6 are reshaped to (C,). Returned arrays are host numpy arrays.
   """
   src, kind, path = _read_source(path, sharding)
-  out, notes = _matched(src, target_state, ('params', 'params_ema', 'model_state'))
+  out, notes = _matched(src, target_state, WEIGHTS)
   report = _report(kind, path, src, out, notes, 'Optimizer state and step start fresh.')
   return out['params'], out['params_ema'], out['model_state'], report
+
+
+def load_ema(path, target_state, sharding=None, flag=EVAL_FLAG):
+  """(target_state with the EMA params, model state and step of `path`, report): the weights an
+  evaluation or the dequantizer scores, as score_sde's eval (params_ema; a legacy file without
+  it: its params). `path` as load_weights reads it; the replaced leaves are host numpy arrays."""
+  src, kind, path = _read_source(path, sharding, flag=flag)
+  out, notes = _matched(src, target_state, EMA)
+  step = src.get('step')
+  step = np.asarray(0 if step is None else step, np.int32).reshape(())
+  return target_state.replace(step=step, **out), _report(kind, path, src, out, notes, '')
 
 
 def load_state(path, target_state, tx, sharding):
@@ -184,7 +218,7 @@ def load_state(path, target_state, tx, sharding):
   counts, so Adam and the learning-rate schedule continue), the rng where stored."""
   import optax
   src, kind, path = _read_source(path, sharding)
-  out, notes = _matched(src, target_state, ('params', 'params_ema', 'model_state'))
+  out, notes = _matched(src, target_state, WEIGHTS)
   step = np.asarray(_source_step(src, path), np.int32)
   if src.get('opt_state') is not None:
     opt, _ = _matched(src, target_state, ('opt_state',))

@@ -1,16 +1,24 @@
 """training.restore_from continues a checkpoint whole (as the original resumed released ones): a
 flax.optim msgpack written here in score_sde's layout gives Adam moments, step and schedule that
 the first update continues, checked against Adam computed by hand; bad files are refused (by the
-CLI before the workdir is made: tests/train_test.py)."""
+CLI before the workdir is made: tests/train_test.py), and so are bad files to score
+(eval.restore_from); the released checkpoints' trees fit their configs, on shapes."""
+import gzip
+import json
+import os
+
 import flax
 import jax
 import numpy as np
 import pytest
 
 import checkpoints
+import configs
+import deq_lib
+import eval_lib
 import restore_from
 import train_lib
-from configs.tiny import digits_ddpmpp
+from configs.tiny import digits_ddpmpp, digits_deq
 from configs.toy import mog1d_ve
 
 STEP, WARMUP, LR, B1, B2 = 7, 10, 1e-2, 0.9, 0.999
@@ -178,3 +186,62 @@ def test_foreign_start_refused_by_shapes(tmp_path, damage, words):
   (tmp_path / 'resume' / 'checkpoints' / 'checkpoint_1').mkdir(parents=True)
   train_lib.check_restore_from(config, str(tmp_path / 'resume'))
 
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train_deq'])
+@pytest.mark.parametrize('damage,words', [
+  ('truncated', ['cannot be read as flax msgpack', '--config.eval.restore_from']),
+  ('another model', ['Checkpoint params_ema do not match the model',
+                     'missing in checkpoint: AttnBlockpp_0/']),
+  ('wrong config', ['do not match the model', 'shape AttnBlockpp_0/GroupNorm_0/bias: '
+                    'checkpoint (16,) vs model (32,)'])])
+def test_foreign_file_to_score_refused_by_shapes(tmp_path, mode, damage, words):
+  """eval.restore_from: eval_lib.check_restore_from / deq_lib.check_config, what main.py runs
+  before it makes the eval or dequantizer folder; a fitting file passes."""
+  path = tmp_path / 'checkpoint_26'
+  foreign_file(path, damage)
+  config = digits_deq.get_config()  # the DIGITS DDPM++ of _tiny_params
+  config.eval.restore_from = str(path)
+  check = eval_lib.check_restore_from if mode == 'eval' else deq_lib.check_config
+  with pytest.raises(ValueError) as e:
+    check(config, str(tmp_path / 'wd'))
+  assert '\n' not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+  write_flax_optim(path, _tiny_params(), 2)
+  check(config, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()
+
+
+RELEASED = ('configs/ve/cifar10_ncsnpp_continuous.py',  # score_sde's checkpoint_26
+            'configs/vp/cifar10_ddpmpp_deep_continuous.py')  # score_flow's checkpoint_19
+TREES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'testdata',
+                     'param_trees.json.gz')
+
+
+def _released_state(config_path):
+  """The score_sde State of a released checkpoint as ShapeDtypeStructs: the original param tree
+  (models/testdata) as optimizer.target and params_ema, GroupNorm stored (1, 1, 1, C)."""
+  with gzip.open(TREES, 'rt') as f:
+    arrays = json.load(f)[config_path]['arrays']
+  flat = {}
+  for p, shape in arrays.items():
+    p = p[len('params/'):]
+    if restore_from._is_groupnorm_affine(p):
+      shape = [1, 1, 1, *shape]
+    flat[p] = jax.ShapeDtypeStruct(tuple(shape), np.float32)
+  tree = checkpoints.unflatten(flat)
+  return {'step': np.asarray(1), 'optimizer': {'target': tree}, 'params_ema': tree,
+          'model_state': {}}
+
+
+@pytest.mark.parametrize('config_path', RELEASED)
+def test_released_trees_fit_their_configs(config_path):
+  """What check_fits matches a released file against, on shapes only (jax.eval_shape): its
+  trees fit the config to fine-tune (WEIGHTS) and to score (EMA); the other one's do not."""
+  target = train_lib.abstract_state(configs.load(config_path))
+  parts = restore_from.legacy_state_parts(_released_state(config_path))
+  restore_from.check_trees(parts, target, restore_from.WEIGHTS)
+  restore_from.check_trees(parts, target, restore_from.EMA)
+  other = RELEASED[1 - RELEASED.index(config_path)]
+  with pytest.raises(ValueError, match='params_ema do not match the model'):
+    restore_from.check_trees(restore_from.legacy_state_parts(_released_state(other)), target,
+                             restore_from.EMA)

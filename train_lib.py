@@ -47,6 +47,12 @@ def build_state(config, rng):
   return model, tx, state
 
 
+def abstract_state(config):
+  """build_state's TrainState as ShapeDtypeStructs (jax.eval_shape): the trees a checkpoint must
+  fit, with no weights made."""
+  return jax.eval_shape(lambda rng: build_state(config, rng)[2], jax.random.PRNGKey(0))
+
+
 def get_step_fns(config, sde, model, tx):
   """(train_step_fn, eval_step_fn) of losses.get_train_step_fn for this config and optimizer tx."""
   import losses
@@ -295,8 +301,8 @@ def check_restore_from(config, workdir):
   if not t.restore_from or any(names.checkpoint_numbers(os.path.join(workdir, d))
                                for d in (names.CHECKPOINTS, names.CHECKPOINTS_META)):
     return
-  target = jax.eval_shape(lambda rng: build_state(config, rng)[2], jax.random.PRNGKey(0))
-  restore_from.check_fits(t.restore_from, target, t.get('restore_optimizer', True), t.n_iters)
+  restore_from.check_fits(t.restore_from, abstract_state(config), t.get('restore_optimizer', True),
+                          t.n_iters)
 
 
 def train(config, workdir, progress_desc='train', progress_position=None, check=True):

@@ -62,6 +62,8 @@ def get_base_config():
   evaluate.begin_ckpt = 1
   evaluate.end_ckpt = 1
   evaluate.ckpt_id = 1  # the score checkpoint --mode train_deq trains the dequantizer for
+  # NEW: eval and train_deq score this file (msgpack or checkpoint_N), not begin..end_ckpt / ckpt_id
+  evaluate.restore_from = ''
   evaluate.batch_size = 1024
   evaluate.enable_sampling = False
   evaluate.num_samples = 50000

@@ -6,8 +6,9 @@ tiny sizes.
 A recipe row: one experiment (a released first-order checkpoint and its config), one DSM order
 (1: first-order training continued for the same steps, the fair baseline; 2; 3), one result
 (exact bits/dim by the probability-flow ODE with uniform dequantization, the variational bound,
-bits/dim with score_flow's Flow++ dequantizer, FID), the commands that give it, the paper's number
-where it is transcribed here, and an estimate of accelerator hours.
+bits/dim with score_flow's Flow++ dequantizer, FID), the commands that give it (order 1's also
+score the released checkpoint itself, --config.eval.restore_from), the paper's number where it is
+transcribed here, and an estimate of accelerator hours.
 """
 import argparse
 import dataclasses
@@ -109,6 +110,11 @@ def workdir(exp, order):
   return f'runs/paper/{exp.key}_order{order}'
 
 
+def released_workdir(exp):
+  """The workdir where the released checkpoint itself is scored (and its dequantizer trained)."""
+  return f'runs/paper/{exp.key}_released'
+
+
 def _main(config, wd, mode, *args):
   """A main.py command as an argument list (every flag --name=value, as recipes_test parses)."""
   return ['python', 'main.py', f'--config={config}', f'--workdir={wd}', f'--mode={mode}', *args]
@@ -124,8 +130,21 @@ def finetune_command(exp, order, n_iters):
 
 def eval_commands(exp, order, result, ckpt, num_repeats):
   """[(label, argv)] of one result on checkpoint_ckpt of the fine-tuned workdir."""
-  wd = workdir(exp, order)
   pick = [f'--config.eval.begin_ckpt={ckpt}', f'--config.eval.end_ckpt={ckpt}']
+  return _evals(exp, workdir(exp, order), result, pick, [f'--config.eval.ckpt_id={ckpt}'],
+                num_repeats)
+
+
+def released_commands(exp, result, num_repeats):
+  """[(label, argv)] of one result on the released checkpoint itself (the start file, scored as
+  it is: --config.eval.restore_from, its EMA params)."""
+  pick = [f'--config.eval.restore_from={exp.start}']
+  return _evals(exp, released_workdir(exp), result, pick, pick, num_repeats)
+
+
+def _evals(exp, wd, result, pick, deq_pick, num_repeats):
+  """[(label, argv)] of one result in workdir wd on the checkpoint the flags `pick` (eval) and
+  `deq_pick` (train_deq) name."""
   bpd = ['--config.eval.enable_bpd=True', '--config.eval.enable_sampling=False',
          '--config.eval.bpd_dataset=test', f'--config.eval.num_repeats={num_repeats}', *pick]
   if result == 'bpd':
@@ -134,8 +153,7 @@ def eval_commands(exp, order, result, ckpt, num_repeats):
     return [('eval', _main(exp.config, wd, 'eval', '--eval_folder=eval_bound', *bpd,
                            '--config.eval.bound=True'))]
   if result == 'bpd_deq':
-    return [('train_deq', _main(exp.config, wd, 'train_deq', '--deq_folder=deq',
-                                f'--config.eval.ckpt_id={ckpt}')),
+    return [('train_deq', _main(exp.config, wd, 'train_deq', '--deq_folder=deq', *deq_pick)),
             ('eval', _main(exp.config, wd, 'eval', '--eval_folder=eval_deq', '--deq_folder=deq',
                            *bpd, '--config.eval.dequantizer=True'))]
   if result == 'fid':
@@ -152,7 +170,7 @@ class Row:
   exp: Experiment
   order: int
   result: str
-  commands: tuple  # ((label, argv), ...): the fine-tune first, then the eval commands
+  commands: tuple  # ((label, argv), ...): the fine-tune, its evals, then (order 1) the released
   paper: str
   hours: str
 
@@ -190,7 +208,8 @@ def rows():
     for order in ORDERS:
       for result in exp.results:
         cmds = (('train', finetune_command(exp, order, t.n_iters)),
-                *eval_commands(exp, order, result, ckpt, config.eval.num_repeats))
+                *eval_commands(exp, order, result, ckpt, config.eval.num_repeats),
+                *(released_commands(exp, result, config.eval.num_repeats) if order == 1 else ()))
         out.append(Row(exp, order, result, cmds, PAPER.get((exp.key, order, result), NOT_HELD),
                        _cost(exp, order, result, config)))
   return out
@@ -215,7 +234,9 @@ def markdown():
             f'{ORDER_FLOPS[2]}x / {ORDER_FLOPS[3]}x) at an assumed {ASSUMED_TFLOPS:.0f} TFLOP/s '
             f'sustained on one GPU; evals assume {ASSUMED_NFE} function evaluations per ODE '
             'solve (forward + one vector-Jacobian product for bits/dim, forward only for the '
-            'bound and sampling); Inception and the dequantizer\'s training are not counted.', '',
+            'bound and sampling); Inception and the dequantizer\'s training are not counted. '
+            'Order 1\'s evals run twice, on its fine-tuned checkpoint and on the released one '
+            'itself.', '',
             'Paper numbers: the published CIFAR-10 results (VE, second / third order: 3.44 / '
             '3.38 bits/dim, FID 2.37 / 2.95). The paper does not name the dequantization; they '
             'sit in the uniform rows because the README of its code (mle_score_ode) says the '
@@ -229,7 +250,9 @@ def markdown():
               f'`{exp.start}` (or change that path). Fine-tuning runs to the config\'s '
               f'n_iters ({config.training.n_iters:,}), as the original code resumed the released '
               'checkpoint until then (set --config.training.n_iters for another length). '
-              'Evaluations read the last checkpoint that run writes.', '', '```sh']
+              'Evaluations read the last checkpoint that run writes; order 1\'s also score the '
+              f'released file as it is (`--config.eval.restore_from`, in '
+              f'`{released_workdir(exp)}`).', '', '```sh']
     for r in mine:
       for label, argv in r.commands:
         line = _shell(argv)

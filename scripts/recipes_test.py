@@ -1,9 +1,10 @@
 """The paper's recipes (recipes.py) cannot rot: docs/recipes.md's `recipes` section is the
 generated one; every command of every row parses with the CLI's own flags, asks for what its row
-says (order, batch, start checkpoint, the checkpoint the fine-tune writes last, the eval switches)
-and passes the config checks at tiny sizes; and each distinct command shape runs, at tiny sizes, in
-one process (this file as a script, sharing the tests' compilation cache) on mocked TFDS data,
-starting from a synthetic flax.optim checkpoint with the tiny model's param tree.
+says (order, batch, start checkpoint, the checkpoint the fine-tune writes last or the released one
+itself, the eval switches) and passes the config checks at tiny sizes; and each distinct command
+shape runs, at tiny sizes, in one process (this file as a script, sharing the tests' compilation
+cache) on mocked TFDS data, starting from a synthetic flax.optim checkpoint with the tiny model's
+param tree.
 
 Tiny sizes change only the keys in TINY (model width and depth, batches, steps, tolerances,
 repeats, the fake Inception): the flags that select what is computed pass through unchanged.
@@ -43,7 +44,8 @@ TINY = {
   'config.deq.warmup': '1', 'config.eval.begin_ckpt': str(TINY_CKPT),
   'config.eval.end_ckpt': str(TINY_CKPT), 'config.eval.ckpt_id': str(TINY_CKPT)}
 PATHS = ('workdir', 'config.training.restore_from', 'config.eval.inception_handle',
-         'config.eval.stats_dir')  # replaced by the test's own files
+         'config.eval.stats_dir', 'config.eval.restore_from')  # replaced by the test's own files
+GIVEN_ONLY = ('config.eval.restore_from',)  # replaced where a command gives it, never added
 
 
 def split(argv):
@@ -59,10 +61,11 @@ def split(argv):
 
 
 def tiny(argv, paths):
-  """The command at tiny sizes: TINY and `paths` (for PATHS) replace or add those flags only."""
+  """The command at tiny sizes: TINY and `paths` (for PATHS) replace or add those flags only
+  (GIVEN_ONLY's: replace only)."""
   flags = split(argv)
   flags.update({k: v for k, v in TINY.items()})
-  flags.update(paths)
+  flags.update({k: v for k, v in paths.items() if k not in GIVEN_ONLY or k in flags})
   return ['--' + k + '=' + v for k, v in flags.items()]
 
 
@@ -122,6 +125,7 @@ def fakes(tmp_path_factory):
     (root / 'stats' / f'{name}_stats.npz').write_bytes(b'')
   (root / 'start').write_bytes(b'\x80')  # an empty msgpack map: check_readable accepts it
   return {'config.training.restore_from': str(root / 'start'),
+          'config.eval.restore_from': str(root / 'start'),
           'config.eval.inception_handle': str(root / 'inception'),
           'config.eval.stats_dir': str(root / 'stats'), 'workdir': str(root / 'wd')}
 
@@ -136,9 +140,14 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
     for row in rows:
       full = configs.load(row.exp.config)
       last = recipes.last_checkpoint(full.training.n_iters, full.training.snapshot_freq)
+      n_released = 0
       for label, argv in row.commands:
         config, fv = parse(argv[2:])
         assert fv.mode == label
+        released = fv.workdir == recipes.released_workdir(row.exp)
+        # The released checkpoint itself is scored in order 1's rows, from the start file.
+        assert config.eval.restore_from == (row.exp.start if released else '')
+        n_released += released
         if label == 'train':
           t = config.training
           assert (t.score_matching_order, t.batch_size, t.restore_from) == (
@@ -149,24 +158,25 @@ def test_every_command_parses_says_its_row_and_passes_the_checks(fakes):
           assert row.exp.start_step is None or row.exp.start_step < t.n_iters
         if label == 'eval':
           e = config.eval
-          assert e.begin_ckpt == e.end_ckpt == last
+          assert released or e.begin_ckpt == e.end_ckpt == last
           assert (e.enable_bpd, e.bound, e.dequantizer, e.enable_sampling) == {
             'bpd': (True, False, False, False), 'bound': (True, True, False, False),
             'bpd_deq': (True, False, True, False), 'fid': (False, False, False, True)}[row.result]
           assert e.enable_sampling or e.num_repeats == full.eval.num_repeats
         if label == 'train_deq':  # the Flow++ score_flow built for the dataset ('auto')
-          assert config.eval.ckpt_id == last and fv.deq_folder == 'deq'
+          assert (released or config.eval.ckpt_id == last) and fv.deq_folder == 'deq'
           deq_lib.check_config(config)
           assert flowpp.model_name(config) == {'CIFAR10': 'cifar10',
                                                'ImageNet': 'imagenet32'}[config.data.dataset]
         if row.result == 'bpd_deq' and label == 'eval':
           assert fv.deq_folder == 'deq'
-        if fv.workdir != 'runs/paper/fid_stats':
+        if fv.workdir != 'runs/paper/fid_stats' and not released:
           assert fv.workdir == recipes.workdir(row.exp, row.order)
         paths = dict(fakes, **({'config.eval.stats_dir': fakes['workdir']}
                                if label == 'fid_stats' else {}))  # fid_stats refuses to overwrite
         config, fv = parse(tiny(argv, paths))
         config_checks.validate_config(config, fv.mode, None)
+      assert (n_released > 0) == (row.order == 1), (row.exp.key, row.order, row.result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,27 +208,33 @@ def _fake_inception(path):
 
 
 # What runs (the 60 s this file may add to a cold suite allow no more): the fine-tune, bits/dim,
-# the bound, fid_stats and FID of the VE CIFAR-10 row of order RUN_ORDER; the other rows differ
-# from these in the order (the fine-tune's compiled step: tests/train_test.py trains orders 2 and
-# 3), the config or the workdir only (checked above). The dequantizer rows' train_deq + eval shape
-# is the one tests/deq_test.py runs through the CLI; here their commands are parsed and checked
-# only.
+# the bound, fid_stats and FID of the VE CIFAR-10 row of order RUN_ORDER, and the bits/dim of the
+# released checkpoint itself (RUN_RELEASED: its other evals differ from the fine-tuned ones in
+# --config.eval.restore_from only); the other rows differ from these in the order (the
+# fine-tune's compiled step: tests/train_test.py trains orders 2 and 3), the config or the workdir
+# only (checked above). The dequantizer rows' train_deq + eval shape is the one tests/deq_test.py
+# runs through the CLI; here their commands are parsed and checked only.
 RUN_EXPERIMENT, RUN_ORDER = 'cifar10_ve', 1
 RUN_RESULTS = ('bpd', 'bound', 'fid')
+RUN_RELEASED = ('bpd',)
 
 
 def plan(tmp_path):
   """The tiny argument lists run_shapes runs, in order (the fine-tune once, fid_stats once)."""
   rows = {r.result: r for r in recipes.rows()
           if (r.exp.key, r.order) == (RUN_EXPERIMENT, RUN_ORDER) and r.result in RUN_RESULTS}
-  paths = {'workdir': str(tmp_path / 'wd'),
-           'config.training.restore_from': str(tmp_path / 'start' / 'checkpoint_26'),
+  start = str(tmp_path / 'start' / 'checkpoint_26')
+  paths = {'workdir': str(tmp_path / 'wd'), 'config.training.restore_from': start,
+           'config.eval.restore_from': start,
            'config.eval.inception_handle': str(tmp_path / 'inception'),
            'config.eval.stats_dir': str(tmp_path / 'stats')}
   out = []
   for result in RUN_RESULTS:
     for label, argv in rows[result].commands:
-      args = tiny(argv, paths)
+      released = split(argv)['workdir'] == recipes.released_workdir(rows[result].exp)
+      if released and result not in RUN_RELEASED:
+        continue
+      args = tiny(argv, dict(paths, workdir=str(tmp_path / 'released')) if released else paths)
       if args not in out:
         out.append(args)
   return out
@@ -250,6 +266,8 @@ def test_command_shapes_run_at_tiny_size(tmp_path):
     assert np.isfinite(summary(folder)['bpd']), folder
   assert np.isfinite(summary('eval_fid')['fid'])
   assert (tmp_path / 'stats' / 'cifar10_stats.npz').is_file()
+  released = json.load(open(tmp_path / 'released' / 'eval_bpd' / 'checkpoint_26' / 'summary.json'))
+  assert released['step'] == STEP and np.isfinite(released['bpd'])
 
 
 def _runner_main(plan_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from harness import ok, run_main
+from restore_from_test import foreign_file
 
 
 @pytest.mark.slow
@@ -45,3 +46,17 @@ def test_cli_train_deq_then_eval_with_dequantizer(trained, tmp_path):
   assert re.search(r'deq/checkpoints(-meta)?/checkpoint_2\b', used), used  # step 4's
   # (uniform dequantization of the same batch: eval_test.py; the correction's formula:
   # deq_lib_test.test_dequantize_fn_bins_and_correction)
+
+
+def test_foreign_file_refused_before_any_work(tmp_path):
+  """--mode train_deq with eval.restore_from holding another model's tree: one line, exit 2, no
+  workdir."""
+  path = tmp_path / 'checkpoint_19'
+  foreign_file(path, 'another model')
+  wd = tmp_path / 'wd'
+  r = run_main(['--config=configs/tiny/digits_deq.py', f'--workdir={wd}', '--mode=train_deq',
+                f'--config.eval.restore_from={path}'])
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert 'params_ema do not match the model' in lines[0], lines[0]
+  assert not wd.exists()

@@ -1,7 +1,8 @@
 """run_lib.evaluate / run_lib.fid_stats through the CLI on the tiny trained checkpoint of conftest's
 `trained` fixture: the files of an eval run, a SIGKILLed run (mid bits/dim, then mid sampling)
 rerun to the identical results of an uninterrupted one, one-line errors before anything is
-written, and the jitted vs scipy likelihood routes on the trained model.
+written, the jitted vs scipy likelihood routes on the trained model, and a score_sde-layout file
+of the same weights (eval.restore_from) scored exactly as the checkpoint.
 
 The Inception network is evaluation_test's fake SavedModel (pool_3 = mean pixel @ W) with a 16-d
 pool_3 and 10 logits, so that FID's d x d square roots stay cheap; its dataset stats file is made
@@ -23,6 +24,8 @@ import evaluation
 from configs.tiny.digits_ddpmpp import get_config
 from harness import CONFIG, ROOT, SMALL, main_env, ok, run_main
 from evaluation_test import _FakeInception
+from restore_from_test import foreign_file
+from train_test import _raw, _write_legacy
 
 POOL_W = np.random.RandomState(5).randn(3, 16).astype(np.float32)
 LOGITS_W = (np.random.RandomState(6).randn(16, 10) / 4).astype(np.float32)
@@ -172,6 +175,76 @@ def test_scipy_route_matches_jitted(full, workdir, assets):
                                                                                 jax_b['nfe'])
   print(f"jax: bpd {jax_b['bpd'].mean():.5f} nfe {int(jax_b['nfe'])}; scipy: bpd "
         f"{sp_b['bpd'].mean():.5f} nfe {int(sp_b['nfe'])} ({float(sp_b['seconds']):.1f} s)")
+
+
+def _released(path, step_dir, ema=True):
+  """A score_sde State msgpack at path (GroupNorm (1, 1, 1, C), flax.optim target) of step_dir's
+  weights: its params and EMA, or with ema=False its params as params_ema too."""
+  src = _raw(step_dir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_legacy(path, src['params'], src['params_ema'] if ema else src['params'], int(src['step']))
+  return path
+
+
+def test_released_file_scores_as_the_checkpoint(full, workdir, assets, tmp_path):
+  """checkpoint_2's weights as a score_sde file named checkpoint_2 (its noise is checkpoint 2's),
+  scored into a new workdir: loss, every bits/dim batch, the samples and IS/FID/KID of `full`,
+  exactly; begin_ckpt / end_ckpt are ignored."""
+  path = _released(tmp_path / 'released' / 'checkpoint_2', workdir / 'checkpoints' / 'checkpoint_2')
+  wd = tmp_path / 'runs' / 'released'
+  ok(run_main(eval_args(wd, 'eval', assets, [f'--config.eval.restore_from={path}'])))
+  got, ref = wd / 'eval' / 'checkpoint_2', full / 'ckpt_2'
+  files = ['loss.npz', 'bpd/batch_0_0.npz', 'bpd/batch_0_1.npz', 'samples/samples_0.npz',
+           'samples/samples_1.npz']
+  for f in files:
+    a, b = load(got / f), load(ref / f)
+    assert set(a) == set(b), f
+    for k in set(a) - {'seconds'}:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f'{f}: {k}')
+  s, s_ref = (json.loads((d / 'summary.json').read_text()) for d in (got, ref))
+  for k in ('ckpt', 'step', 'bpd', 'bpd_n', 'nfe', 'eval_loss', 'IS', 'fid', 'kid', 'num_samples'):
+    assert s[k] == s_ref[k], k
+  assert s['restore_from'] == (got / 'source.txt').read_text().strip() == os.path.realpath(path)
+  assert sorted(os.listdir(wd / 'eval')) == ['checkpoint_2', 'settings.json', 'stdout.txt',
+                                             'summary.csv']
+  assert 'Loaded legacy flax msgpack' in (wd / 'eval' / 'stdout.txt').read_text()
+
+
+def test_released_file_scores_its_params_ema(workdir, tmp_path):
+  """Two files that differ only in params_ema give different eval losses; a second file of the
+  same name is refused in one line where the first one's results are."""
+  step_dir = workdir / 'checkpoints' / 'checkpoint_2'
+  ema = _released(tmp_path / 'a' / 'checkpoint_2', step_dir)
+  raw = _released(tmp_path / 'b' / 'checkpoint_2', step_dir, ema=False)
+  wd = tmp_path / 'wd'
+
+  def score(path, folder):
+    return run_main([f'--config={CONFIG}', f'--workdir={wd}', '--mode=eval', *SMALL,
+                     f'--eval_folder={folder}', '--config.eval.batch_size=8',
+                     '--config.eval.enable_loss=True', '--config.eval.enable_bpd=False',
+                     '--config.eval.enable_sampling=False', f'--config.eval.restore_from={path}'])
+
+  ok(score(ema, 'eval'))
+  import eval_lib
+  with pytest.raises(ValueError, match=r'checkpoint_2 holds the results of .*/a/checkpoint_2, not '
+                     r'of .*/b/checkpoint_2: pass another --eval_folder'):
+    eval_lib.check_restore_from(_config(restore_from=str(raw)), str(wd), 'eval')
+  ok(score(raw, 'eval_raw'))
+  losses = [json.loads((wd / f / 'checkpoint_2' / 'summary.json').read_text())['eval_loss']
+            for f in ('eval', 'eval_raw')]
+  assert np.isfinite(losses).all() and losses[0] != losses[1], losses
+
+
+def test_damaged_file_refused_before_any_work(tmp_path):
+  path = tmp_path / 'checkpoint_26'
+  foreign_file(path, 'truncated')
+  wd = tmp_path / 'wd'
+  r = run_main([f'--config={CONFIG}', f'--workdir={wd}', '--mode=eval', *SMALL,
+                f'--config.eval.restore_from={path}'])
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert 'cannot be read as flax msgpack' in lines[0] and '--config.eval.restore_from' in lines[0]
+  assert not wd.exists()
 
 
 BAD = [
