@@ -58,6 +58,7 @@ def _run(config, scanned, monkeypatch):
   return metrics, jax.device_get(evaluate(state, batch)), jax.device_get(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('make_config', [_digits_config, _toy_config], ids=['digits', 'toy'])
 def test_looped_steps_equal_the_scanned_steps(make_config, monkeypatch):
   looped = _run(make_config(), False, monkeypatch)

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 def test_cpu_smoke_prints_one_row_per_order_and_a_bpd_row():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   r = subprocess.run([sys.executable, os.path.join(HERE, 'gpu_check.py'), '--cpu_smoke',

@@ -240,6 +240,7 @@ def plan(tmp_path):
   return out
 
 
+@pytest.mark.slow
 def test_command_shapes_run_at_tiny_size(tmp_path):
   """One process runs the plan; each command exits 0 and leaves what its row reads."""
   import checkpoints

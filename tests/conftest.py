@@ -33,3 +33,9 @@ def trained(tmp_path_factory):
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return workdir
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked slow first (stable order otherwise), so that under pytest-xdist the long ones
+  start early and the workers finish together instead of one running the last long test alone."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

@@ -137,6 +137,7 @@ def _run_until(args, path, timeout=600):
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_killed_eval_resumes_identically(full, workdir, assets):
   args = eval_args(workdir, 'resumed', assets)
   ck = workdir / 'resumed' / 'ckpt_2'
