@@ -8,7 +8,7 @@ import jax
 import names
 
 # Models whose U-Net halves the resolution len(ch_mult) - 1 times.
-UNET_MODELS = ('ncsnpp', 'ddpm', 'ddpmpp')
+UNET_MODELS = ('ncsnpp', 'ddpm')  # DDPM++ is the ncsnpp class with VP settings
 
 
 def check_sampler_names(config):

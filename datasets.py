@@ -362,7 +362,7 @@ def get_dataset(config, additional_dim=None, uniform_dequantization=False, evalu
     uniform_dequantization: add U[0, 1) noise to 8-bit images: (x * 255 + u) / 256.
     evaluation: use config.eval.batch_size, no random flips, and one epoch (finite datasets).
     shuffle: shuffle files and examples (as score_sde); False gives the split in its stored
-      order, the same batches on every run (run_lib.evaluate resumes batch by batch).
+      order, the same batches on every run (eval_lib.evaluate resumes batch by batch).
 
   Returns:
     (train_ds, eval_ds, dataset_builder); dataset_builder is the TFDS builder, or None for data

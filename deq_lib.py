@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 import checkpoints
+import config_checks
 import likelihood
 import names
 import optim
@@ -171,8 +172,9 @@ def train_deq(config, workdir, deq_folder=names.DEQ_FOLDER, check=True):
   """Train the Flow++ dequantizer of config.deq for checkpoint eval.ckpt_id of workdir's score
   model (or for the file eval.restore_from) in workdir/deq_folder, logging to its stdout.txt;
   resumes from the newest checkpoint there. Returns the final (replicated) state. check=False
-  skips check_config when the caller has run it (main.py)."""
+  skips the config checks when the caller has run them (main.py)."""
   if check:
+    config_checks.validate_config(config, 'train_deq', workdir)
     check_config(config, workdir)
   import datasets
   from models import flowpp

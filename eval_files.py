@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+import names
+
 # Fields whose change alters stored eval results: a rerun into the same eval folder must match.
 _RESULT_FIELDS = {
   'seed': None, 'data': None, 'model': None, 'sampling': None,
@@ -99,7 +101,7 @@ def write_summary_csv(eval_dir):
   of an eval.restore_from file): one row each (idempotent, so a rerun never duplicates a row)."""
   rows = []
   for name in os.listdir(eval_dir):
-    path = os.path.join(eval_dir, name, 'summary.json')
+    path = os.path.join(eval_dir, name, names.EVAL_SUMMARY)
     if os.path.isfile(path):
       with open(path) as f:
         rows.append(json.load(f))
@@ -110,4 +112,4 @@ def write_summary_csv(eval_dir):
   writer = csv.DictWriter(buf, fieldnames=keys)
   writer.writeheader()
   writer.writerows(rows)
-  write_text(os.path.join(eval_dir, 'summary.csv'), buf.getvalue())
+  write_text(os.path.join(eval_dir, names.EVAL_SUMMARY_CSV), buf.getvalue())

@@ -401,7 +401,7 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
       summary.update(_eval_samples(ck, sample_fn, inception, data_pools))
     if is_main:
       summary['seconds_this_run'] = time.time() - tic
-      write_text(os.path.join(ck.folder, 'summary.json'), json.dumps(summary, indent=2))
+      write_text(os.path.join(ck.folder, names.EVAL_SUMMARY), json.dumps(summary, indent=2))
       eval_files.write_summary_csv(eval_dir)
       logging.info('ckpt-%s --- %s', ck.label, ', '.join(
         f'{k}: {v:.6e}' if isinstance(v, float) else f'{k}: {v}' for k, v in summary.items()

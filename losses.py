@@ -91,7 +91,7 @@ class LossOptions:
 
   @classmethod
   def from_config(cls, config):
-    """The options of config.training and config.model (ema_rate, ema_start), as run_lib uses."""
+    """The options of config.training and config.model (ema_rate, ema_start) that training uses."""
     t = config.training
     return cls(reduce_mean=t.reduce_mean, continuous=t.continuous,
                likelihood_weighting=t.likelihood_weighting,

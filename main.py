@@ -97,6 +97,12 @@ def _unknown_override(argv):
   return None
 
 
+def _unknown_field(bad, spec):
+  """Exit: an override names a field the config does not have."""
+  fail(f"unknown config field '{bad}' in --config.{bad}: {spec} has no such field; check the "
+       'name against that file and configs/base_config.py.')
+
+
 def parse_flags(argv):
   """absl flag parsing whose every failure is one line on stderr and exit code 2."""
   spec = _config_arg(argv)
@@ -110,15 +116,13 @@ def parse_flags(argv):
   except flags.Error as e:
     bad = _unknown_override(argv) if spec else None
     if bad:
-      fail(f"unknown config field '{bad}' in --config.{bad}: check the name against "
-           'configs/base_config.py.')
+      _unknown_field(bad, spec)
     fail(f'{" ".join(str(e).splitlines()[0].split()).rstrip(".")}. Run python main.py --helpshort '
          'for usage.')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = _unknown_override(argv) if spec else None
     if bad:
-      fail(f"unknown config field '{bad}' in --config.{bad}: check the name against "
-           'configs/base_config.py.')
+      _unknown_field(bad, spec)
     fail(f'bad --config override ({type(e).__name__}: {e}): check the names and values.')
   return rest
 

@@ -27,6 +27,8 @@ CHECKPOINTS_META = 'checkpoints-meta'
 SAMPLES = 'samples'
 EVAL_FOLDER = 'eval'
 DEQ_FOLDER = 'deq'
+EVAL_SUMMARY = 'summary.json'  # a checkpoint's means, in its eval folder
+EVAL_SUMMARY_CSV = 'summary.csv'  # one row per checkpoint, in the eval folder
 _CHECKPOINT_RE = re.compile(r'^checkpoint_(\d+)$')
 
 
