@@ -45,9 +45,8 @@ def _train(config, built):
 
 @pytest.mark.parametrize('order,importance,exact,remat,scan', [
   (1, True, False, 'none', False), (2, False, False, 'none', False),
-  (3, True, False, 'none', True), (3, False, True, 'none', False),
-  (3, False, False, 'convs', False), (2, True, False, 'nothing', True),
-  (3, False, True, 'nothing', False)])
+  (3, True, False, 'none', True), (3, False, False, 'convs', False),
+  (2, True, False, 'nothing', True), (3, False, True, 'nothing', False)])
 def test_microbatches_give_the_whole_batch_update(order, importance, exact, remat, scan,
                                                   monkeypatch):
   """4 microbatches (and a remat policy, which changes memory only) = the whole-batch step; as
