@@ -372,7 +372,7 @@ def evaluate(config, workdir, eval_folder=names.EVAL_FOLDER, deq_folder=names.DE
   p_eval_step = None
   if e.enable_loss:
     p_eval_step = parallel.get_multi_eval_fn(train_lib.get_step_fns(config, sde, model, tx)[1],
-                                             mesh)
+                                             mesh, model=config.model.name)
   train_ds = eval_ds = bpd_ds = None
   repeats = 1
   if e.enable_loss or parts:

@@ -63,23 +63,29 @@ def host_batch(ds_iter, scaler):
 # jitted step, and the microbatches of a step are unrolled in it; elsewhere a lax.scan keeps one
 # copy of the step to compile.
 UNROLLED_BACKENDS = ('cpu',)
+# Models without convolutions keep their speed in a compiled loop on every backend; the toy MLP's
+# order-3 steps are 18% faster as a lax.scan on XLA:CPU, order 1 the same (benchmarks/loops.py
+# --toy_only, Intel Xeon).
+SCANNED_MODELS = ('mlp',)
 
 
-def loops_unrolled():
-  """True where loops around a gradient run outside the compiled program (UNROLLED_BACKENDS)."""
-  return jax.default_backend() in UNROLLED_BACKENDS
+def loops_unrolled(model=None):
+  """True where loops around a gradient of `model` (config.model.name; None: a convolutional
+  one) run outside the compiled program: on UNROLLED_BACKENDS, whose compiled loops give the
+  transposed convolutions of a gradient a slow layout, for every model but SCANNED_MODELS."""
+  return jax.default_backend() in UNROLLED_BACKENDS and model not in SCANNED_MODELS
 
 
-def _over_steps(step_fn, mesh, n_consts, donate, start=None):
+def _over_steps(step_fn, mesh, n_consts, donate, model, start=None):
   """fn(state, batch, *consts) -> (state, metrics stacked over the steps): step_fn(state, row,
   *consts) on each row of the [n_jitted_steps, batch, ...] batch in turn, after start(state).
 
-  One jitted lax.scan, or, where loops_unrolled(), a Python loop over one jitted step that takes
-  the row index as an argument (one compilation whatever n_jitted_steps)."""
+  One jitted lax.scan, or, where loops_unrolled(model), a Python loop over one jitted step that
+  takes the row index as an argument (one compilation whatever n_jitted_steps)."""
   repl = replicated(mesh)
   consts = (repl,) * n_consts
   donated = (0,) if donate else ()
-  if not loops_unrolled():
+  if not loops_unrolled(model):
     def scanned(state, batch, *args):
       state = state if start is None else start(state)
       return jax.lax.scan(lambda s, b: step_fn(s, b, *args), state, batch)
@@ -110,19 +116,19 @@ def _over_steps(step_fn, mesh, n_consts, donate, start=None):
   return looped
 
 
-def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0):
+def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0, model=None):
   """multi_step(state, batch, *consts) -> (new_state, metrics stacked over the steps): the
   n_jitted_steps rows of a [n_jitted_steps, batch, ...] batch, one training step each, with
   step_fn(state, batch, *consts); state and the n_consts constants (e.g. a frozen model's
   params) replicated, batch sharded along its batch axis. A jitted lax.scan, or a Python loop
-  over the jitted step where loops_unrolled()."""
-  return _over_steps(step_fn, mesh, n_consts, donate)
+  over the jitted step where loops_unrolled(model) (model: config.model.name)."""
+  return _over_steps(step_fn, mesh, n_consts, donate, model)
 
 
-def get_multi_eval_fn(eval_step_fn, mesh, n_consts=0):
+def get_multi_eval_fn(eval_step_fn, mesh, n_consts=0, model=None):
   """Like get_multi_step_fn for evaluation: metrics only, the state untouched (its rng is
   folded so eval noise differs from the next training step's)."""
-  fn = _over_steps(eval_step_fn, mesh, n_consts, donate=False,
+  fn = _over_steps(eval_step_fn, mesh, n_consts, donate=False, model=model,
                    start=lambda state: state.replace(rng=jax.random.fold_in(state.rng, 0x5eed)))
   return lambda state, batch, *consts: fn(state, batch, *consts)[1]
 

@@ -36,15 +36,16 @@ def _run(config, scanned, monkeypatch):
   """(train metrics of each call, eval metrics, final state): CALLS training calls of
   n_jitted_steps steps each, then one evaluation call, on fixed random batches."""
   monkeypatch.setattr(parallel, 'UNROLLED_BACKENDS', () if scanned else ('cpu',))
-  assert parallel.loops_unrolled() != scanned
+  monkeypatch.setattr(parallel, 'SCANNED_MODELS', ())  # the toy MLP's loop too
+  assert parallel.loops_unrolled(config.model.name) != scanned
   t = config.training
   sde, _ = sde_lib.get_sde(config)
   model, tx, state = train_lib.build_state(config, jax.random.PRNGKey(0))
   train_fn, eval_fn = train_lib.get_step_fns(config, sde, model, tx)
   mesh = parallel.make_mesh()
   state = parallel.replicate(state, mesh)
-  train = parallel.get_multi_step_fn(train_fn, mesh)
-  evaluate = parallel.get_multi_eval_fn(eval_fn, mesh)
+  train = parallel.get_multi_step_fn(train_fn, mesh, model=config.model.name)
+  evaluate = parallel.get_multi_eval_fn(eval_fn, mesh, model=config.model.name)
   shape = (t.n_jitted_steps, t.batch_size) + tuple(
     [config.data.image_size, config.data.image_size, config.data.num_channels]
     if config.data.dataset == 'DIGITS' else [config.data.dim])
@@ -76,3 +77,11 @@ def test_looped_steps_equal_the_scanned_steps(make_config, monkeypatch):
     # Adam divides by sqrt(nu): a rounding difference in a near-zero gradient moves that
     # parameter's update by a fraction of a step.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_only_convolutional_models_unroll_on_cpu(monkeypatch):
+  monkeypatch.setattr(parallel, 'UNROLLED_BACKENDS', (jax.default_backend(),))
+  assert parallel.loops_unrolled() and parallel.loops_unrolled('ncsnpp')
+  assert not parallel.loops_unrolled('mlp')
+  monkeypatch.setattr(parallel, 'UNROLLED_BACKENDS', ())
+  assert not parallel.loops_unrolled('ncsnpp')

@@ -358,9 +358,9 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
       logging.info('Saved %d samples to %s.', len(sample), this_dir)
 
   loop = Loop(folder=workdir, n_iters=t.n_iters,
-              train_step=parallel.get_multi_step_fn(train_step_fn, mesh),
+              train_step=parallel.get_multi_step_fn(train_step_fn, mesh, model=config.model.name),
               train_batches=global_batches(train_iter, scaler, mesh),
-              eval_step=parallel.get_multi_eval_fn(eval_step_fn, mesh),
+              eval_step=parallel.get_multi_eval_fn(eval_step_fn, mesh, model=config.model.name),
               eval_batches=global_batches(eval_iter, scaler, mesh),
               on_checkpoint=snapshot if sampler is not None else None,
               progress_desc=progress_desc, progress_position=progress_position)

@@ -10,10 +10,11 @@ configs/tiny/digits_deq.py), the median time of one iteration:
   PC sampler's fori_loop, the bound's scan and the Dormand-Prince while_loop per iteration);
 - ours: what the product runs on this backend (parallel.get_multi_step_fn / get_multi_eval_fn;
   the ODE-score diagnostic's host-driven backward solve).
-Then `main.py --mode train` for each order (--steps steps, log every --log_every): the steps/s of
+Then the toy MLP's 10-step training call unrolled vs scanned (why parallel.SCANNED_MODELS keeps
+it scanned), and `main.py --mode train` for each order (--steps steps, log every --log_every): the steps/s of
 its last log line against the bare step's, in the same run.
 
-  .venv/bin/python benchmarks/loops.py [--quick] [--out runs/bench/loops.md]
+  .venv/bin/python benchmarks/loops.py [--quick] [--toy_only] [--out runs/bench/loops.md]
 """
 import argparse
 import os
@@ -155,6 +156,34 @@ def loop_rows(args):
   return rows
 
 
+def toy_rows(args, steps=10):
+  """[toy, order, unrolled, scanned, scanned / unrolled] (ms per step) of the toy MLP's training
+  call of `steps` steps: a Python loop over the jitted step vs one jitted lax.scan (the MLP has no
+  convolutions, so parallel.SCANNED_MODELS keeps it scanned on every backend)."""
+  from configs.toy import checkerboard_ve, mog1d_ve
+  rows = []
+  for name, module in (('mog1d', mog1d_ve), ('checkerboard', checkerboard_ve)):
+    for order in args.orders:
+      config = module.get_config()
+      config.training.score_matching_order = order
+      sde, _ = sde_lib.get_sde(config)
+      model, tx, state = train_lib.build_state(config, jax.random.PRNGKey(0))
+      step = train_lib.get_step_fns(config, sde, model, tx)[0]
+      mesh = parallel.make_mesh()
+      state = parallel.replicate(state, mesh)
+      shape = (steps, config.training.batch_size, config.data.dim)
+      batch = parallel.global_batch(
+        {'image': jax.random.uniform(jax.random.PRNGKey(1), shape, minval=-1., maxval=1.)}, mesh)
+      calls = {}
+      for key, backends in (('unrolled', (jax.default_backend(),)), ('scanned', ())):
+        parallel.UNROLLED_BACKENDS, kept = backends, parallel.UNROLLED_BACKENDS
+        calls[key] = (parallel.get_multi_step_fn(step, mesh, donate=False), (state, batch))
+        parallel.UNROLLED_BACKENDS = kept
+      t = {k: v[0] * 1e3 / steps for k, v in bc.interleaved_times(calls, args.repeats).items()}
+      rows.append([name, order, t['unrolled'], t['scanned'], t['scanned'] / t['unrolled']])
+  return rows
+
+
 def main_rows(args):
   """[order, main.py steps/s (last log line), bare step steps/s, ratio] per order."""
   config = bc.tiny_config('tiny_ddpmpp', args.batch)
@@ -185,6 +214,7 @@ def main():
   parser.add_argument('--out', default=bc.default_out('loops.md'))
   parser.add_argument('--quick', action='store_true', help='order 1 only, 3 repeats, 20 steps')
   parser.add_argument('--orders', default='1,3')
+  parser.add_argument('--toy_only', action='store_true', help='the toy MLP table only')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--steps', type=int, default=60, help='main.py training steps per order')
@@ -196,12 +226,19 @@ def main():
   if args.quick:
     args.orders, args.repeats, args.steps, args.log_every = [1], 3, 20, 10
   print(bc.machine_line(), flush=True)
+  toy = bc.markdown_table(
+    'Toy MLP training call of 10 steps (the toys\' config batch): unrolled vs scanned (ms/step)',
+    ['toy', 'order', 'unrolled', 'scanned', 'scanned / unrolled'], toy_rows(args))
+  print(toy, flush=True)
+  if args.toy_only:
+    return
   text = bc.markdown_table(
     'Loops around the tiny DDPM++: one iteration bare vs inside its compiled loop (ms)',
     ['loop', 'bare', 'looped', 'ours', 'looped / bare', 'ours / bare'], loop_rows(args),
     notes=['ours: what the product runs on this backend (loops_unrolled: '
            f'{parallel.loops_unrolled()}).'])
   print(text, flush=True)
+  text += '\n' + toy
   text += '\n' + bc.markdown_table(
     f'main.py --mode train ({args.steps} steps, batch {args.batch}) vs its bare step',
     ['order', 'main.py steps/s (last log line)', 'bare step steps/s', 'ratio'], main_rows(args))

@@ -39,8 +39,8 @@ import main
 import parallel
 bad = int(os.environ['RELIABILITY_NAN_STEP'])
 make = parallel.get_multi_step_fn
-def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0):
-  f = make(step_fn, mesh, donate, n_consts)
+def get_multi_step_fn(step_fn, mesh, donate=True, n_consts=0, model=None):
+  f = make(step_fn, mesh, donate, n_consts, model)
   def g(state, batch, *consts):
     first = int(jax.device_get(state.step)) + 1
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
