@@ -41,14 +41,21 @@ import parallel
 import train_lib
 
 
-def get_deq_optimizer(config):
-  """optim.get_optimizer with config.deq.{lr, warmup, grad_clip} in place of config.optim's."""
+def deq_optim_config(config):
+  """config with config.deq.{lr, warmup, grad_clip} in place of config.optim's and deq.n_iters as
+  training.n_iters, so that a cosine schedule decays over the dequantizer's own steps."""
   cfg = config.copy_and_resolve_references()
   cfg.unlock()
   cfg.optim.lr = float(config.deq.lr)
   cfg.optim.warmup = config.deq.warmup
   cfg.optim.grad_clip = float(config.deq.grad_clip)
-  return optim.get_optimizer(cfg)
+  cfg.training.n_iters = int(config.deq.n_iters)
+  return cfg
+
+
+def get_deq_optimizer(config):
+  """optim.get_optimizer of deq_optim_config: the dequantizer's Adam and schedule."""
+  return optim.get_optimizer(deq_optim_config(config))
 
 
 def check_config(config, workdir=None):

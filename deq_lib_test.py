@@ -163,6 +163,18 @@ def test_deq_optimizer_and_dirs():
   assert isinstance(tx, optax.GradientTransformation)
 
 
+def test_deq_cosine_schedule_ends_at_deq_n_iters():
+  """A cosine schedule decays over the dequantizer's steps, not the score model's."""
+  import optim
+  config = tiny_config()
+  config.optim.schedule = 'cosine'
+  config.training.n_iters, config.deq.n_iters, config.deq.warmup = 1000, 40, 4
+  schedule = optim.get_lr_schedule(deq_lib.deq_optim_config(config))
+  lr = float(config.deq.lr)
+  np.testing.assert_allclose([schedule(4), schedule(22), schedule(40)], [lr, lr / 2, 0.],
+                             atol=1e-6 * lr)
+
+
 def test_bad_input(tmp_path):
   config = tiny_config()
   config.deq.model = 'huge'
