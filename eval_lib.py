@@ -211,7 +211,8 @@ def _eval_batches(ck, ds, repeats, parts, dequantize_fn):
   per_pass = min(per_pass, limit) if per_pass and limit else (per_pass or limit)
   results = {p.name: {} for p in parts}
   n_draws, index = e.get('num_deq_samples', 1), []
-  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ck.label} bits/dim', 'batch')
+  what = ', '.join('bits/dim' if n == 'bpd' else n.replace('_', ' ') for n in dirs)
+  bar = _progress(repeats * per_pass if per_pass else None, f'ckpt {ck.label} {what}', 'batch')
   n_seen = 0
   for r in range(repeats):
     for i, batch in enumerate(ds):
