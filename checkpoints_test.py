@@ -69,6 +69,9 @@ def test_round_trip_and_numbering(tmp_path):
   assert d.numbers() == [1, 2] and d.training_step(2) == 10
 
 
+# Restoring the truncated checkpoint fails inside orbax; tensorstore's pending reads then call back
+# into orbax's closed asyncio loop, which Python reports as ignored exceptions (not ours to handle).
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_latest_only_and_fallback_past_damaged(tmp_path, caplog):
   meta = checkpoints.CheckpointDir(tmp_path / 'checkpoints-meta', latest_only=True)
   periodic = checkpoints.CheckpointDir(tmp_path / 'checkpoints')
