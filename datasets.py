@@ -2,10 +2,10 @@
 
 API of score_sde's `datasets.py`: `get_data_scaler`, `get_data_inverse_scaler` and
 `get_dataset(config, additional_dim, uniform_dequantization, evaluation)`, which returns tf.data
-pipelines (for the toy distributions numpy `toy_data.ToyBatches`) of dicts {'image': float32, 'label':
-int32}. Images are in [0, 1] (the scaler maps them to the model's range); a host batch is [per_host_batch, ...] or [additional_dim, per_host_batch,
-...] with per_host_batch = batch_size // jax.process_count(); the training loop shards it over the
-local devices.
+pipelines (for the toy distributions numpy `toy_data.ToyBatches`) of dicts {'image': float32,
+'label': int32}. Images are in [0, 1] (the scaler maps them to the model's range); a host batch
+is [per_host_batch, ...] or [additional_dim, per_host_batch, ...] with per_host_batch =
+batch_size // jax.process_count(); the training loop shards it over the local devices.
 
 Nothing here downloads: TFDS datasets must already be prepared (`tfds build NAME`). Datasets that
 need no download: the toy distributions of mle_score_ode's toy.py ('MOG1D', 'CHECKERBOARD',

@@ -111,9 +111,7 @@ def load_score_model(config, workdir, mesh):
   sde, _ = sde_lib.get_sde(config)
   model, _, state = train_lib.build_state(config, jax.random.PRNGKey(config.seed))
   if config.eval.restore_from:
-    state, report = restore_from.load_ema(path, state, parallel.replicated(mesh))
-    logging.info('%s', report)
-    state = parallel.replicate(state, mesh)
+    state = restore_from.load_ema(path, state, mesh)
     return sde, model, state.params_ema, state.model_state, path
   ckpt_dir = checkpoints.CheckpointDir(os.path.join(workdir, names.CHECKPOINTS), create=False)
   state = parallel.replicate(state, mesh)

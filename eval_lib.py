@@ -100,16 +100,10 @@ def _checkpoints(config, workdir, eval_dir, mesh, scaler, host_state):
   e = config.eval
   if e.restore_from:
     path = e.restore_from
-
-    def load():
-      state, report = restore_from.load_ema(path, host_state, parallel.replicated(mesh))
-      if _is_main():
-        logging.info('%s', report)
-      return parallel.replicate(state, mesh)
-
     name = file_name(path)
     yield _Checkpoint(config, mesh, scaler, checkpoints.checkpoint_number(path) or 0, name, path,
-                      os.path.join(eval_dir, name), load)
+                      os.path.join(eval_dir, name),
+                      lambda: restore_from.load_ema(path, host_state, mesh))
     return
   target = parallel.replicate(host_state, mesh)
   for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):

@@ -15,6 +15,7 @@ import numpy as np
 
 import checkpoints
 import names
+import parallel
 
 FLAG = '--config.training.restore_from'
 EVAL_FLAG = '--config.eval.restore_from'
@@ -200,15 +201,18 @@ def load_weights(path, target_state, sharding):
   return out['params'], out['params_ema'], out['model_state'], report
 
 
-def load_ema(path, target_state, sharding=None, flag=EVAL_FLAG):
-  """(target_state with the EMA params, model state and step of `path`, report): the weights an
-  evaluation or the dequantizer scores, as score_sde's eval (params_ema; a legacy file without
-  it: its params). `path` as load_weights reads it; the replaced leaves are host numpy arrays."""
-  src, kind, path = _read_source(path, sharding, flag=flag)
+def load_ema(path, target_state, mesh, flag=EVAL_FLAG):
+  """target_state (host) with the EMA params, model state and step of `path`, replicated over
+  mesh: the weights an evaluation or the dequantizer scores, as score_sde's eval (params_ema; a
+  legacy file without it: its params). `path` as load_weights reads it; what was loaded is
+  logged on process 0."""
+  src, kind, path = _read_source(path, parallel.replicated(mesh), flag=flag)
   out, notes = _matched(src, target_state, EMA)
   step = src.get('step')
   step = np.asarray(0 if step is None else step, np.int32).reshape(())
-  return target_state.replace(step=step, **out), _report(kind, path, src, out, notes, '')
+  if jax.process_index() == 0:
+    logging.info('%s', _report(kind, path, src, out, notes, ''))
+  return parallel.replicate(target_state.replace(step=step, **out), mesh)
 
 
 def load_state(path, target_state, tx, sharding):

@@ -312,7 +312,8 @@ def train(config, workdir, progress_desc='train', progress_position=None, check=
   train several stages side by side give each its own row). Without a checkpoint in workdir and
   with config.training.restore_from set, fine-tunes from that checkpoint (ours or a legacy
   score_sde / score_flow msgpack; restore_or_fine_tune): its whole state, or with
-  training.restore_optimizer=False its weights and a fresh optimizer. check=False skips config_checks.validate_config when the caller has run it (main.py).
+  training.restore_optimizer=False its weights and a fresh optimizer. check=False skips
+  config_checks.validate_config when the caller has run it (main.py).
   """
   if check:
     config_checks.validate_config(config, 'train', workdir)
