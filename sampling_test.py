@@ -228,8 +228,8 @@ def test_batch_sharded_over_two_devices_matches_one():
   import os
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  from harness import main_env
+  env = main_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'})
   out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+from harness import main_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.slow
 def test_cpu_smoke_prints_one_row_per_order_and_a_bpd_row():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = main_env()
   r = subprocess.run([sys.executable, os.path.join(HERE, 'gpu_check.py'), '--cpu_smoke',
                       '--orders', '3'],
                      capture_output=True, text=True, timeout=600, env=env, check=False)

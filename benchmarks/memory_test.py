@@ -5,6 +5,7 @@ import sys
 
 import memory  # benchmarks/ is on sys.path in pytest (the test's folder) and when run from here
 import doc_sections
+from harness import main_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +61,7 @@ def test_measure_compiles_each_setting_in_a_child_and_resumes(tmp_path):
   cmd = [sys.executable, os.path.join(HERE, 'memory.py'), 'measure', '--configs', 'tiny_ddpmpp',
          '--batch', '4', '--orders', '1', '--microbatches', '1,2', '--remats', 'none',
          '--csv', str(csv)]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = main_env()
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = {row['n_microbatches']: row for row in memory.read_rows(str(csv))}

@@ -1,8 +1,8 @@
 """main.py in a subprocess, for the end-to-end tests and scripts/reliability_table.py.
 
-Every run gets the same environment: no inherited XLA flags and one persistent JAX compilation
-cache shared by all test processes, so that each program is compiled once per machine on a
-2-core CPU. The tiny DIGITS DDPM++ runs shrink the U-Net to one resolution level without
+Every run gets the same environment: the tests' XLA flags (TEST_XLA_FLAGS, nothing inherited) and
+one persistent JAX compilation cache shared by all test processes, so that each program is
+compiled once per machine on a 2-core CPU. The tiny DIGITS DDPM++ runs shrink the U-Net to one resolution level without
 attention (SMALL); the toy runs use the MOG1D VE config with batch 16.
 """
 import os
@@ -15,14 +15,24 @@ CONFIG = 'configs/tiny/digits_ddpmpp.py'
 TOY = 'configs/toy/mog1d_ve.py'
 SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
 CACHE = os.path.join(tempfile.gettempdir(), f'mle_score_ode_test_jax_cache_{os.getuid()}')
+# LLVM's optimisations off (benchmarks/memory.py's FAST_COMPILE): the same XLA programs, compiled in
+# about a third less time; the tests run few steps, so compiling is most of their time.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def xla_flags(extra=''):
+  """TEST_XLA_FLAGS followed by `extra` (e.g. a host device count)."""
+  return f'{TEST_XLA_FLAGS} {extra}'.strip()
 
 
 def main_env(env_extra=None, cache=CACHE):
-  """The environment of a main.py subprocess: no inherited XLA flags, the compilation cache."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', TF_CPP_MIN_LOG_LEVEL='2')
-  env.update(env_extra or {})
+  """The environment of a main.py subprocess: the tests' XLA flags (with env_extra's XLA_FLAGS
+  after them), the compilation cache."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  extra = dict(env_extra or {})
+  env.update(extra, XLA_FLAGS=xla_flags(extra.get('XLA_FLAGS', '')))
   return env
 
 

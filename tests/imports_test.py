@@ -11,11 +11,13 @@ MAX_LINES = 470
 
 
 def _modules():
-  """{name: path} of the top-level modules (not tests) and of the models package's modules."""
+  """{name: path} of the top-level modules (not tests or pytest's conftest) and of the models
+  package's modules."""
   out = {}
   for folder, prefix in ((ROOT, ''), (os.path.join(ROOT, 'models'), 'models.')):
     for f in os.listdir(folder):
-      if f.endswith('.py') and not f.endswith('_test.py') and f != '__init__.py':
+      if f.endswith('.py') and not f.endswith('_test.py') and f not in ('__init__.py',
+                                                                        'conftest.py'):
         out[prefix + f[:-3]] = os.path.join(folder, f)
   return out
 
