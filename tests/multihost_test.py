@@ -32,22 +32,30 @@ def test_two_processes_train_together(tmp_path):
           '--config.training.log_freq=1', '--config.training.eval_freq=2',
           '--config.training.snapshot_sampling=False',
           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
-  procs = [subprocess.Popen([sys.executable, 'main.py', *args, f'--process_id={i}'], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = []
+  # Each process logs to a file, which the test reads whether they finish or hang.
+  logs = [tmp_path / f'stderr_{i}.txt' for i in range(2)]
+  procs = []
   try:
+    for i, log in enumerate(logs):
+      with open(log, 'w') as f:
+        procs.append(subprocess.Popen([sys.executable, 'main.py', *args, f'--process_id={i}'],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=f))
     for p in procs:
-      outs.append(p.communicate(timeout=300))
+      try:
+        p.wait(timeout=300)
+      except subprocess.TimeoutExpired:
+        pytest.fail('The two processes did not finish in 300 s; their logs end:\n'
+                    + '\n'.join(log.read_text()[-1500:] for log in logs))
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, (_, err) in zip(procs, outs):
+  errs = [log.read_text() for log in logs]
+  for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
 
   sums = {}
-  for _, err in outs:
+  for err in errs:
     m = re.search(r'Training done: process (\d)/2 at step 4, params checksum (\S+)\.', err)
     assert m, err[-3000:]
     sums[int(m.group(1))] = float(m.group(2))
