@@ -1,14 +1,9 @@
-"""Every test process compiles as the main.py subprocesses of tests/ do (tests/harness.py): with the
-tests' XLA flags and through their persistent JAX cache, so that a program several tests build is
-compiled once per machine."""
+"""Every test process runs in the environment of the main.py subprocesses of tests/
+(harness.main_env): the tests' XLA flags and their persistent JAX compilation cache, so that a
+program several tests build is compiled once per machine. JAX reads both when first imported or
+started, after this."""
 import os
 
-from harness import CACHE, xla_flags
+from harness import main_env
 
-os.environ['XLA_FLAGS'] = xla_flags()  # read when JAX first starts its backend, after this
-
-import jax  # noqa: E402
-
-jax.config.update('jax_compilation_cache_dir', CACHE)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+os.environ.update(main_env())

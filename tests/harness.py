@@ -2,8 +2,8 @@
 
 Every run gets the same environment: the tests' XLA flags (TEST_XLA_FLAGS, nothing inherited) and
 one persistent JAX compilation cache shared by all test processes, so that each program is
-compiled once per machine on a 2-core CPU. The tiny DIGITS DDPM++ runs shrink the U-Net to one resolution level without
-attention (SMALL); the toy runs use the MOG1D VE config with batch 16.
+compiled once per machine on a 2-core CPU. The tiny DIGITS DDPM++ runs shrink the U-Net to one
+resolution level without attention (SMALL); the toy runs use the MOG1D VE config with batch 16.
 """
 import os
 import subprocess
