@@ -10,9 +10,6 @@ so the model density integrated from eps is exactly
 This target accounts for both the eps smoothing (v_eps = lam + b_eps^2, not lam) and the small
 mismatch between p_T and the prior, so no tolerance has to absorb them.
 """
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -261,8 +258,7 @@ print('OK')
 @pytest.mark.slow
 def test_sharded_batch_matches_one_device():
   """The jitted likelihood runs data-parallel on a batch sharded over 2 (host) devices."""
-  from harness import main_env
-  env = main_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'})
-  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+  from harness import run_main
+  out = run_main([], {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                    'JAX_PLATFORMS': 'cpu'}, timeout=300, program=_SHARDED_SCRIPT)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]

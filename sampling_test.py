@@ -225,13 +225,9 @@ print('OK')
 @pytest.mark.slow
 def test_batch_sharded_over_two_devices_matches_one():
   """The caller may shard the batch (jit with shardings): same samples as on one device."""
-  import os
-  import subprocess
-  import sys
-  from harness import main_env
-  env = main_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'})
-  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+  from harness import run_main
+  out = run_main([], {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                    'JAX_PLATFORMS': 'cpu'}, timeout=300, program=_SHARDED_SCRIPT)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
 
 
